@@ -1,0 +1,23 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Eight host devices for the sharding tests; must be set before JAX initialises its backend.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+
+_DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def multi30k_dir() -> Path:
+  """Multi30k Task 1 raw files: $TRANSFORMER_DATA_DIR (default ../shared/data)/multi30k."""
+  path = Path(os.environ.get("TRANSFORMER_DATA_DIR", _DEFAULT_DATA_DIR)) / "multi30k"
+  if not (path / "train.en").exists():
+    pytest.fail(f"{path} not found: set TRANSFORMER_DATA_DIR to the shared data directory")
+  return path

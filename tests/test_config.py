@@ -1,0 +1,64 @@
+"""Flag files -> frozen config; parameter counts of the paper's models against closed forms."""
+
+import glob
+import os
+
+import pytest
+
+from tests.test_model import closed_form_params, count_shapes
+from transformer import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _at_repo_root(monkeypatch):
+  monkeypatch.chdir(REPO)  # nested --flagfile paths are relative to the repository root
+
+
+@pytest.mark.parametrize("name,paper_millions", [("base_en_de", 65), ("big_en_de", 213)])
+def test_paper_models_parameter_count(name, paper_millions):
+  cfg = config_lib.from_args([f"--flagfile=experiments/paper/{name}.flags"]).model
+  assert cfg.vocab_size == 37000
+  want = closed_form_params(V=37000, N=6, d=cfg.d_model, h=cfg.num_heads, d_k=64, d_v=64,
+                            d_ff=cfg.d_ff)
+  got = count_shapes(cfg)
+  assert got == want
+  assert abs(got / 1e6 - paper_millions) / paper_millions < 0.05  # 63.0M vs 65M, 214.2M vs 213M
+
+
+def test_every_flag_file_parses():
+  files = sorted(glob.glob("experiments/**/*.flags", recursive=True))
+  assert len(files) >= 9
+  for f in files:
+    config_lib.from_args([f"--flagfile={f}"])
+
+
+def test_table2_recipe_values():
+  big_fr = config_lib.from_args(["--flagfile=experiments/paper/big_en_fr.flags"])
+  big_de = config_lib.from_args(["--flagfile=experiments/paper/big_en_de.flags"])
+  base = config_lib.from_args(["--flagfile=experiments/paper/base_en_de.flags"])
+  assert big_fr.model.dropout_rate == 0.1 and big_de.model.dropout_rate == 0.3
+  assert base.decode.num_average == 5 and big_de.decode.num_average == 20
+  assert (base.decode.beam_size, base.decode.alpha, base.decode.max_decode_len_offset) == (4, 0.6, 50)
+  assert base.data.tokens_per_batch == 25000 and base.train.warmup_steps == 4000
+  assert (base.data.source_lang, base.data.target_lang) == ("en", "de")
+  assert (big_fr.data.source_lang, big_fr.data.target_lang, big_fr.model.vocab_size) == ("en", "fr", 32000)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--d_model=0"], "--d_model must be positive"),
+    (["--d_model=100", "--num_heads=8"], "not divisible"),
+    (["--warmup_steps=0"], "--warmup_steps must be positive"),
+    (["--beam_size=0"], "--beam_size must be positive"),
+    (["--alpha=-1"], "--alpha must be >= 0"),
+    (["--source_lang=en", "--target_lang=en"], "must differ"),
+])
+def test_invalid_values_are_rejected(args, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.from_args(args)
+
+
+def test_d_k_d_v_override_divisibility():
+  cfg = config_lib.from_args(["--d_model=100", "--num_heads=8", "--d_k=16", "--d_v=16"])
+  assert (cfg.model.head_dim_k, cfg.model.head_dim_v) == (16, 16)

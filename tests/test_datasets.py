@@ -1,0 +1,185 @@
+"""Tests for transformer/data/datasets.py: TFDS array_record without TensorFlow."""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import sys
+
+import pytest
+
+from transformer.config import DataConfig
+from transformer.data import datasets
+
+
+def _raw_lines(path, n=None):
+  """Lines of a UTF-8 file, split on '\\n' only (independent of the code)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  lines = data.decode("utf-8").split("\n")
+  if lines and lines[-1] == "":
+    lines.pop()
+  return lines[:n] if n is not None else lines
+
+
+def _write_lines(path, lines):
+  with open(path, "w", encoding="utf-8", newline="") as f:
+    f.write("".join(line + "\n" for line in lines))
+
+
+@pytest.fixture
+def small_corpus(multi30k_dir, tmp_path):
+  """train/dev prefixes with the first 200 / 60 Multi30k train / val lines."""
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  lines = {}
+  for split, stem, n in (("train", "train", 200), ("dev", "val", 60)):
+    for lang in ("en", "de"):
+      lines[split, lang] = _raw_lines(multi30k_dir / f"{stem}.{lang}", n)
+      _write_lines(raw / f"{split}.{lang}", lines[split, lang])
+  return raw, lines
+
+
+def _cfg(raw, src, tgt, **kw):
+  return DataConfig(dataset="parallel_text", source_lang=src, target_lang=tgt,
+                    parallel_text_splits=f"train={raw}/train,validation={raw}/dev",
+                    **kw)
+
+
+def test_parallel_text_both_directions(small_corpus, tmp_path):
+  raw, lines = small_corpus
+  data_dir = str(tmp_path / "tfds")
+  for src, tgt in (("en", "de"), ("de", "en")):
+    for split, name in (("train", "train"), ("validation", "dev"), ("dev", "dev")):
+      ds = datasets.get_split(_cfg(raw, src, tgt), split, data_dir)
+      assert len(ds) == len(lines[name, src])
+      got = list(ds)
+      assert [ex["source"] for ex in got] == lines[name, src]
+      assert [ex["target"] for ex in got] == lines[name, tgt]
+      assert [ex["id"] for ex in got] == list(range(len(got)))
+  # Prepared once (both directions share it), as array_record, no TensorFlow.
+  files = glob.glob(f"{data_dir}/parallel_text/*/1.0.0/*.array_record-*")
+  assert {os.path.basename(f).split(".")[0] for f in files} == {
+      "parallel_text-train", "parallel_text-validation"}
+  assert len(glob.glob(f"{data_dir}/parallel_text/*")) == 1
+  assert "tensorflow" not in sys.modules
+  # Random access, negative index and a slice of the split.
+  ds = datasets.get_split(_cfg(raw, "en", "de"), "train", data_dir)
+  assert ds[-1]["source"] == lines["train", "en"][-1]
+  assert ds[17]["target"] == lines["train", "de"][17]
+  head = datasets.get_split(_cfg(raw, "en", "de"), "train[:10]", data_dir)
+  assert [ex["source"] for ex in head] == lines["train", "en"][:10]
+
+
+def test_different_corpora_do_not_collide(small_corpus, tmp_path):
+  raw, lines = small_corpus
+  other = tmp_path / "other"
+  other.mkdir()
+  for lang in ("en", "de"):
+    _write_lines(other / f"train.{lang}", lines["train", lang][:30])
+    _write_lines(other / f"dev.{lang}", lines["dev", lang][:5])
+  data_dir = str(tmp_path / "tfds")
+  a = datasets.get_split(_cfg(raw, "en", "de"), "train", data_dir)
+  b = datasets.get_split(_cfg(other, "en", "de"), "train", data_dir)
+  assert (len(a), len(b)) == (200, 30)
+
+
+def test_mismatched_line_counts(tmp_path):
+  _write_lines(tmp_path / "c.en", ["one", "two", "three"])
+  _write_lines(tmp_path / "c.de", ["eins", "zwei"])
+  with pytest.raises(ValueError) as e:
+    datasets.read_parallel_files(str(tmp_path / "c.en"), str(tmp_path / "c.de"))
+  msg = str(e.value)
+  assert str(tmp_path / "c.en") in msg and str(tmp_path / "c.de") in msg
+  assert "3" in msg and "2" in msg and "\n" not in msg
+  cfg = DataConfig(dataset="parallel_text", parallel_text_splits=f"train={tmp_path}/c")
+  with pytest.raises(ValueError, match="differ in line count"):
+    datasets.get_split(cfg, "train", str(tmp_path / "tfds"))
+  # A failed preparation leaves no prepared dataset behind.
+  assert not glob.glob(f"{tmp_path}/tfds/parallel_text/*/1.0.0/dataset_info.json")
+
+
+def test_missing_files_and_bad_specs(tmp_path):
+  cfg = DataConfig(dataset="parallel_text",
+                   parallel_text_splits=f"train={tmp_path}/nope")
+  with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/nope\.(en|de)"):
+    datasets.get_split(cfg, "train", str(tmp_path / "tfds"))
+  with pytest.raises(FileNotFoundError, match="does_not_exist"):
+    datasets.get_split(DataConfig(raw_data_dir=str(tmp_path / "does_not_exist")),
+                       "train", str(tmp_path / "tfds"))
+  with pytest.raises(ValueError, match="parallel_text_splits"):
+    datasets.get_split(DataConfig(dataset="parallel_text"), "train", str(tmp_path))
+  with pytest.raises(ValueError, match="languages"):
+    datasets.get_split(DataConfig(source_lang="fr"), "train", str(tmp_path))
+  with pytest.raises(ValueError, match="no_such_dataset"):
+    datasets.get_split(DataConfig(dataset="no_such_dataset"), "train", str(tmp_path))
+  assert datasets.parse_parallel_text_splits("train=a/b, dev = /c/d", "/base") == {
+      "train": "/base/a/b", "validation": "/c/d"}
+
+
+def test_non_utf8_policies(tmp_path):
+  en = [b"good one", b"bad \xff\xfe here", b"fine", b"also fine"]
+  de = [b"gut eins", b"schlecht", b"ok \xc3(", b"auch gut"]
+  (tmp_path / "x.en").write_bytes(b"\n".join(en) + b"\n")
+  (tmp_path / "x.de").write_bytes(b"\r\n".join(de))  # CRLF, no final newline
+  src, tgt = str(tmp_path / "x.en"), str(tmp_path / "x.de")
+
+  triples, counts = datasets.read_parallel_files(src, tgt, "replace")
+  assert counts == {"lines": 4, "kept": 4, "replaced": 2, "skipped": 0}
+  assert [t[0] for t in triples] == [0, 1, 2, 3]
+  assert triples[1][1] == "bad \ufffd\ufffd here" and triples[1][2] == "schlecht"
+  assert triples[2][2] == "ok \ufffd("
+  assert triples[3] == (3, "also fine", "auch gut")
+
+  triples, counts = datasets.read_parallel_files(src, tgt, "skip")
+  assert counts == {"lines": 4, "kept": 2, "replaced": 0, "skipped": 2}
+  assert triples == [(0, "good one", "gut eins"), (3, "also fine", "auch gut")]
+
+  with pytest.raises(ValueError, match="non_utf8"):
+    datasets.read_parallel_files(src, tgt, "ignore")
+
+  # Through TFDS: skipped pairs keep their original line numbers as ids.
+  for policy, n in (("replace", 4), ("skip", 2)):
+    cfg = DataConfig(dataset="parallel_text", parallel_text_splits=f"train={tmp_path}/x",
+                     non_utf8=policy, source_lang="de", target_lang="en")
+    ds = list(datasets.get_split(cfg, "train", str(tmp_path / "tfds")))
+    assert len(ds) == n
+    assert ds[-1] == {"source": "auch gut", "target": "also fine", "id": 3}
+
+
+def test_multi30k_local_dir(multi30k_dir, tmp_path):
+  """Multi30k builder on truncated copies of the three splits (fast)."""
+  raw = tmp_path / "m30k"
+  raw.mkdir()
+  n = {"train": 150, "val": 40, "test_2016_flickr": 30}
+  for stem, k in n.items():
+    for lang in ("en", "de"):
+      _write_lines(raw / f"{stem}.{lang}", _raw_lines(multi30k_dir / f"{stem}.{lang}", k))
+  data_dir = str(tmp_path / "tfds")
+  for src, tgt in (("en", "de"), ("de", "en")):
+    cfg = DataConfig(dataset="multi30k", raw_data_dir=str(raw), source_lang=src,
+                     target_lang=tgt)
+    for split, stem in (("train", "train"), ("validation", "val"), ("test", "test_2016_flickr")):
+      ds = datasets.get_split(cfg, split, data_dir)
+      got = list(ds)
+      assert [ex["source"] for ex in got] == _raw_lines(raw / f"{stem}.{src}")
+      assert [ex["target"] for ex in got] == _raw_lines(raw / f"{stem}.{tgt}")
+      assert [ex["id"] for ex in got] == list(range(n[stem]))
+  assert glob.glob(f"{data_dir}/multi30k/replace/1.0.0/multi30k-test.array_record-*")
+  with pytest.raises(ValueError, match="no split"):
+    datasets.get_split(cfg, "nope", data_dir)
+
+
+def test_multi30k_real_validation_against_raw(multi30k_dir, tmp_path):
+  """The real (untruncated) files: validation and test read back exactly."""
+  builder = datasets.Multi30k(config="replace", data_dir=str(tmp_path / "tfds"),
+                              raw_data_dir=str(multi30k_dir), file_format="array_record")
+  datasets.prepare(builder)
+  for split, stem in (("validation", "val"), ("test", "test_2016_flickr")):
+    ds = datasets.ParallelSplit(builder.as_data_source(split=split), "de", "en",
+                                has_id=True, ordered=False)  # order recomputed from ids
+    src, tgt = _raw_lines(multi30k_dir / f"{stem}.de"), _raw_lines(multi30k_dir / f"{stem}.en")
+    assert len(ds) == len(src) == len(tgt)
+    for ex, s, t, i in zip(itertools.islice(ds, None), src, tgt, itertools.count()):
+      assert ex == {"source": s, "target": t, "id": i}

@@ -1,0 +1,97 @@
+"""Section 6.1 checks: beam search against exhaustive search, greedy, and the KV cache."""
+
+import dataclasses
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformer import decode
+from transformer.config import BOS_ID, EOS_ID, ModelConfig
+from transformer.model import Transformer
+
+CFG = ModelConfig(vocab_size=6, d_model=16, d_ff=32, num_heads=2, num_encoder_layers=1,
+                  num_decoder_layers=2, max_len=16)
+
+
+def _params(cfg=CFG, scale=3.0):
+  m = Transformer(cfg)
+  params = nn.unbox(m.init(jax.random.PRNGKey(1), jnp.ones((1, 4), jnp.int32),
+                           jnp.ones((1, 4), jnp.int32))["params"])
+  return m, jax.tree.map(lambda x: x * scale, params)  # sharper next-token distributions
+
+
+def _log_probs(m, params, src, ys):
+  """log P(y | src) of equal-length sequences ys, by teacher-forced forward passes (no cache)."""
+  ys = np.asarray(ys, np.int32)
+  logits = m.apply({"params": params}, jnp.asarray(np.repeat(src[None], len(ys), 0)),
+                   jnp.asarray(ys))
+  lp = np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)  # [n, length, vocab]
+  return np.take_along_axis(lp, ys[:, :, None], axis=2)[:, :, 0].sum(1)
+
+
+def test_beam_search_equals_exhaustive_search():
+  m, params = _params()
+  inputs = np.array([[4, 5, 1, 0], [5, 1, 0, 0]], np.int32)
+  offset, alpha, beam = 2, 0.6, 40
+  seqs, scores = decode.beam_search(params, jnp.asarray(inputs), model_cfg=CFG, beam_size=beam,
+                                    alpha=alpha, max_decode_len_offset=offset)
+  for b in range(2):
+    limit = int((inputs[b] != 0).sum()) + offset  # source length + offset
+    scored = []
+    for length in range(1, limit + 1):  # every sequence ending in EOS within the limit
+      ys = [list(p) + [EOS_ID] for p in
+            itertools.product([t for t in range(6) if t != EOS_ID], repeat=length - 1)]
+      lp = ((5 + length) / 6) ** alpha
+      scored += [(s / lp, y) for s, y in zip(_log_probs(m, params, inputs[b], ys), ys)]
+    scored.sort(key=lambda s: -s[0])
+    best_score, best_y = scored[0]
+    got = np.asarray(seqs[b, 0])
+    assert got[:len(best_y)].tolist() == best_y and (got[len(best_y):] == 0).all()
+    assert abs(float(scores[b, 0]) - best_score) < 1e-4
+    # All 40 finished hypotheses are the exhaustive top 40, in order.
+    np.testing.assert_allclose(np.asarray(scores[b]), [s for s, _ in scored[:beam]], atol=1e-4)
+
+
+def test_beam_one_is_greedy():
+  m, params = _params()
+  inputs = np.array([[4, 5, 3, 1]], np.int32)
+  offset = 5
+  seqs, _ = decode.beam_search(params, jnp.asarray(inputs), model_cfg=CFG, beam_size=1,
+                               alpha=0.6, max_decode_len_offset=offset)
+  y = []
+  for _ in range(4 + offset):  # argmax one token at a time, uncached
+    logits = m.apply({"params": params}, jnp.asarray(inputs), jnp.asarray([y + [0]]))
+    y.append(int(np.argmax(np.asarray(logits[0, len(y)]))))
+    if y[-1] == EOS_ID:
+      break
+  if y[-1] != EOS_ID:
+    y[-1] = EOS_ID  # at the length limit only EOS may follow
+  assert np.asarray(seqs[0, 0])[:len(y)].tolist() == y
+
+
+def test_cached_decoding_equals_full_forward_pass():
+  m, params = _params(scale=1.0)
+  dm = Transformer(dataclasses.replace(CFG, decode=True))
+  inputs = jnp.array([[4, 5, 1, 0], [5, 1, 0, 0]], jnp.int32)
+  targets = jnp.array([[4, 5, 3, 1], [5, 4, 1, 0]], jnp.int32)
+  full = m.apply({"params": params}, inputs, targets)
+  encoded = m.apply({"params": params}, inputs, method=Transformer.encode)
+  cache = dm.init(jax.random.PRNGKey(0), encoded, inputs, jnp.zeros((2, 4), jnp.int32),
+                  method=Transformer.decode)["cache"]
+  dec_in = np.concatenate([np.full((2, 1), BOS_ID), np.asarray(targets[:, :-1])], 1)
+  steps = []
+  for t in range(4):
+    logits, v = dm.apply({"params": params, "cache": cache}, encoded, inputs,
+                         jnp.asarray(dec_in[:, t:t + 1]), method=Transformer.decode,
+                         mutable=["cache"])
+    cache = v["cache"]
+    steps.append(np.asarray(logits[:, 0]))
+  np.testing.assert_allclose(np.stack(steps, 1), np.asarray(full), atol=1e-4)
+
+
+def test_length_penalty_formula():
+  assert abs(float(decode.length_penalty(7, 0.6)) - (12 / 6) ** 0.6) < 1e-6
+  assert float(decode.length_penalty(30, 0.0)) == 1.0

@@ -1,0 +1,61 @@
+"""End to end: `python -m transformer.main` trains, averages, evaluates and translates real data."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(workdir, data_dir, *args, stdin=None):
+  cmd = [sys.executable, "-m", "transformer.main",
+         "--flagfile=experiments/cpu/multi30k_en_de.flags", f"--workdir={workdir}",
+         f"--raw_data_dir={data_dir}", "--train_split=train[:3000]",
+         "--eval_split=validation[:40]", "--test_split=test[:24]", "--vocab_size=600",
+         "--num_encoder_layers=1", "--num_decoder_layers=1", "--d_model=32", "--d_ff=64",
+         "--num_heads=2", "--d_k=16", "--d_v=16", "--tokens_per_batch=1024",
+         "--bucket_boundaries=16,32,64,128", "--warmup_steps=10", "--log_every_steps=5",
+         "--eval_every_steps=15", "--eval_bleu_sentences=8", "--checkpoint_every_steps=5",
+         "--max_decode_len_offset=10", *args]
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.run(cmd, cwd=REPO, env=env, input=stdin, capture_output=True, text=True,
+                        timeout=600)
+
+
+def test_train_average_evaluate_translate(tmp_path, multi30k_dir):
+  workdir = tmp_path / "run"
+  r = _main(workdir, multi30k_dir, "--mode=train", "--num_train_steps=15")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert re.search(r"step 15 \| loss [\d.]+ \| nll [\d.]+ \| lr [\d.e-]+ \| \d+ tgt tok/s", r.stderr)
+  assert "eval step 15 | validation" in r.stderr
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train = [x for x in records if x["kind"] == "train"]
+  assert [x["step"] for x in train] == [5, 10, 15]
+  assert train[-1]["loss"] < train[0]["loss"]  # it learns
+  assert os.listdir(workdir / "tensorboard")
+
+  # Resume: the same command with more steps continues from step 15.
+  r = _main(workdir, multi30k_dir, "--mode=train", "--num_train_steps=20")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from step 15" in r.stderr
+  assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())[-1] == 20
+
+  r = _main(workdir, multi30k_dir, "--mode=average", "--num_average=3")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "averaged 3 checkpoints (steps 10..20)" in r.stdout
+
+  r = _main(workdir, multi30k_dir, "--mode=evaluate", "--checkpoint=averaged")
+  assert r.returncode == 0, r.stderr[-3000:]
+  m = re.search(r"BLEU en->de test\[:24\] \(averaged step 20, beam 4, alpha 0.6\): sacreBLEU "
+                r"([\d.]+) \[nrefs:1\|case:mixed\|eff:no\|tok:13a\|smooth:exp\|version:2.6.0\] "
+                r"\| tokenized\+compound-split ([\d.]+) \| tokenized lowercased ([\d.]+)", r.stdout)
+  assert m, r.stdout
+  hyps = (workdir / "test_[:24].averaged.hyp").read_text(encoding="utf-8").splitlines()
+  assert len(hyps) == 24
+  assert "perplexity (test[:24]):" in r.stdout
+
+  r = _main(workdir, multi30k_dir, "--mode=translate", stdin="A man is riding a bike.\nTwo dogs.\n")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert len(r.stdout.splitlines()) == 2

@@ -1,0 +1,191 @@
+"""Section 3 checks against independent computations (numpy, hand-worked values, closed forms)."""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer import model as model_lib
+from transformer.config import ModelConfig
+from transformer.model import Transformer
+
+TINY = ModelConfig(vocab_size=50, d_model=32, d_ff=64, num_heads=4, num_encoder_layers=2,
+                   num_decoder_layers=2, max_len=64)
+
+
+def _init(cfg, src_len=7, tgt_len=6, seed=0):
+  m = Transformer(cfg)
+  x = jnp.ones((2, src_len), jnp.int32)
+  y = jnp.ones((2, tgt_len), jnp.int32)
+  return m, nn.unbox(m.init(jax.random.PRNGKey(seed), x, y)["params"])
+
+
+def _numpy_attention(q, k, v, mask):
+  """softmax(QK^T/sqrt(d_k)) V per batch and head, with a boolean mask, in float64."""
+  b, lq, h, dk = q.shape
+  out = np.zeros((b, lq, h, v.shape[-1]))
+  for bi in range(b):
+    for hi in range(h):
+      s = q[bi, :, hi].astype(np.float64) @ k[bi, :, hi].astype(np.float64).T / math.sqrt(dk)
+      s = np.where(mask[bi, 0], s, -np.inf)
+      w = np.exp(s - s.max(-1, keepdims=True))
+      w /= w.sum(-1, keepdims=True)
+      out[bi, :, hi] = w @ v[bi, :, hi]
+  return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_matches_numpy_with_padding_and_causal_masks(causal):
+  rng = np.random.RandomState(0)
+  b, lq, lk, h, dk, dv = 2, 5, 5, 3, 4, 6
+  q, k = rng.randn(b, lq, h, dk), rng.randn(b, lk, h, dk)
+  v = rng.randn(b, lk, h, dv)
+  key_valid = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)  # first sentence padded
+  mask = np.broadcast_to(key_valid[:, None, None, :], (b, 1, lq, lk))
+  if causal:
+    mask = mask & np.tril(np.ones((lq, lk), bool))[None, None]
+  got = model_lib.dot_product_attention(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
+                                        jnp.asarray(v, jnp.float32), jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, k, v, mask), atol=1e-5)
+
+
+def test_xla_attention_impl_matches_einsum():
+  cfg = dataclasses.replace(TINY, attention_impl="xla")
+  m, params = _init(dataclasses.replace(TINY, attention_impl="einsum"))
+  x = jnp.array([[5, 6, 7, 1, 0, 0, 0], [8, 9, 10, 11, 12, 13, 1]], jnp.int32)
+  y = jnp.array([[5, 9, 1, 0, 0, 0], [7, 7, 7, 1, 0, 0]], jnp.int32)
+  ref = m.apply({"params": params}, x, y)
+  got = Transformer(cfg).apply({"params": params}, x, y)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4)
+
+
+def test_multihead_attention_matches_numpy_per_head():
+  cfg = dataclasses.replace(TINY, d_k=5, d_v=7)  # d_k, d_v independent of d_model / h
+  mha = model_lib.MultiHeadAttention(cfg)
+  rng = np.random.RandomState(1)
+  xq = jnp.asarray(rng.randn(2, 4, 32), jnp.float32)
+  xkv = jnp.asarray(rng.randn(2, 6, 32), jnp.float32)
+  mask = jnp.asarray(np.array([[1] * 6, [1, 1, 1, 0, 0, 0]], bool)[:, None, None, :])
+  params = nn.unbox(mha.init(jax.random.PRNGKey(0), xq, xkv, mask, True)["params"])
+  got = mha.apply({"params": params}, xq, xkv, mask, True)
+  p = jax.tree.map(np.asarray, params)
+  assert p["query"].shape == (32, 4, 5) and p["value"].shape == (32, 4, 7)
+  assert p["out"].shape == (4, 7, 32)
+  q = np.einsum("bld,dhk->blhk", xq, p["query"])
+  k = np.einsum("bld,dhk->blhk", xkv, p["key"])
+  v = np.einsum("bld,dhk->blhk", xkv, p["value"])
+  heads = _numpy_attention(q, k, v, np.broadcast_to(np.asarray(mask), (2, 1, 4, 6)))
+  # Concat(head_1..head_h) W^O
+  want = heads.reshape(2, 4, -1) @ p["out"].reshape(-1, 32)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+
+
+def test_causal_mask_leaks_nothing():
+  m, params = _init(TINY)
+  x = jnp.array([[5, 6, 7, 8, 1, 0, 0]] * 2, jnp.int32)
+  y1 = jnp.array([[9, 10, 11, 12, 13, 1]] * 2, jnp.int32)
+  y2 = y1.at[:, 3:].set(jnp.array([40, 41, 42]))  # change tokens 3.. of the targets
+  l1 = m.apply({"params": params}, x, y1)
+  l2 = m.apply({"params": params}, x, y2)
+  # Decoder input is BOS + targets[:-1]: positions 0..3 only see targets 0..2.
+  np.testing.assert_array_equal(np.asarray(l1[:, :4]), np.asarray(l2[:, :4]))
+  assert not np.allclose(np.asarray(l1[:, 4:]), np.asarray(l2[:, 4:]))
+
+
+def test_source_padding_is_ignored():
+  m, params = _init(TINY)
+  y = jnp.array([[9, 10, 11, 1]], jnp.int32)
+  short = m.apply({"params": params}, jnp.array([[5, 6, 1]], jnp.int32), y)
+  padded = m.apply({"params": params}, jnp.array([[5, 6, 1, 0, 0, 0, 0]], jnp.int32), y)
+  np.testing.assert_allclose(np.asarray(short), np.asarray(padded), atol=1e-5)
+
+
+def test_sinusoids_at_known_positions():
+  pe = model_lib.sinusoidal_positions(50, 4)
+  # d_model = 4: dims 0,1 use 10000^0 = 1, dims 2,3 use 10000^(2/4) = 100.
+  assert pe[0].tolist() == [0.0, 1.0, 0.0, 1.0]
+  np.testing.assert_allclose(pe[3], [math.sin(3), math.cos(3), math.sin(0.03), math.cos(0.03)],
+                             rtol=1e-6)
+  pe = model_lib.sinusoidal_positions(100, 512)
+  i = 10  # dims 20 (sin) and 21 (cos) share the wavelength 10000^(20/512)
+  np.testing.assert_allclose(pe[77, 2 * i], math.sin(77 / 10000 ** (20 / 512)), rtol=1e-5)
+  np.testing.assert_allclose(pe[77, 2 * i + 1], math.cos(77 / 10000 ** (20 / 512)), rtol=1e-5)
+
+
+def test_one_matrix_serves_source_target_and_output():
+  m, params = _init(TINY)
+  shapes = jax.tree.leaves(jax.tree.map(lambda x: x.shape, params), is_leaf=lambda x: isinstance(x, tuple))
+  assert sum(50 in s for s in shapes) == 1  # exactly one vocabulary-sized parameter
+  emb = np.asarray(params["shared_embedding"]["embedding"])
+  ids = jnp.array([[3, 7, 49]])
+  got_src = m.apply({"params": params}, ids, method=lambda mod, i: mod.source_embed(i))
+  got_tgt = m.apply({"params": params}, ids, method=lambda mod, i: mod.target_embed(i))
+  want = emb[[3, 7, 49]] * math.sqrt(32)
+  np.testing.assert_allclose(np.asarray(got_src)[0], want, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(got_tgt)[0], want, rtol=1e-6)
+  # Logits are the last decoder layer's output times E^T.
+  x = jnp.array([[5, 6, 1]], jnp.int32)
+  y = jnp.array([[9, 10, 1]], jnp.int32)
+  logits, inter = m.apply({"params": params}, x, y, capture_intermediates=True,
+                          mutable=["intermediates"])
+  hidden = inter["intermediates"]["decoder"]["layer_1"]["__call__"][0]
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(hidden) @ emb.T, atol=1e-4)
+
+
+def test_untied_embeddings_have_three_matrices():
+  cfg = dataclasses.replace(TINY, share_embeddings=False, target_vocab_size=30)
+  _, params = _init(cfg)
+  assert params["source_embedding"]["embedding"].shape == (50, 32)
+  assert params["target_embedding"]["embedding"].shape == (30, 32)
+  assert params["output_projection"]["kernel"]["kernel"].shape == (32, 30)
+
+
+def test_post_ln_is_default_and_pre_ln_adds_final_norms():
+  _, post = _init(TINY)
+  _, pre = _init(dataclasses.replace(TINY, pre_layer_norm=True))
+  assert "final_norm" not in post["encoder"] and "final_norm" in pre["encoder"]
+  # Post-LN: every encoder layer output is LayerNorm-ed: zero mean, unit variance per position.
+  m = Transformer(TINY)
+  enc = m.apply({"params": post}, jnp.array([[5, 6, 7, 1]]), method=Transformer.encode)
+  np.testing.assert_allclose(np.asarray(enc).mean(-1), 0.0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(enc).var(-1), 1.0, atol=1e-3)
+
+
+def test_learned_positions_param_and_dropout_flags():
+  _, params = _init(dataclasses.replace(TINY, positional_encoding="learned"))
+  assert params["encoder"]["positions"]["pos_embedding"].shape == (64, 32)
+  # Dropout is active only when not deterministic.
+  cfg = dataclasses.replace(TINY, dropout_rate=0.5)
+  m, params = _init(cfg)
+  x = jnp.array([[5, 6, 7, 1]]); y = jnp.array([[9, 1]])
+  a = m.apply({"params": params}, x, y, deterministic=True)
+  b = m.apply({"params": params}, x, y, deterministic=True)
+  c = m.apply({"params": params}, x, y, deterministic=False, rngs={"dropout": jax.random.PRNGKey(3)})
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.allclose(np.asarray(a), np.asarray(c))
+
+
+def closed_form_params(V, N, d, h, d_k, d_v, d_ff):
+  """Shared embedding + per layer attention (no biases), FFN (with biases), LayerNorms."""
+  attn = d * h * d_k * 2 + d * h * d_v + h * d_v * d
+  ffn = 2 * d * d_ff + d_ff + d
+  enc_layer = attn + ffn + 2 * 2 * d
+  dec_layer = 2 * attn + ffn + 3 * 2 * d
+  return V * d + N * enc_layer + N * dec_layer
+
+
+def count_shapes(cfg):
+  m = Transformer(cfg)
+  shapes = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32),
+                                         jnp.ones((1, 8), jnp.int32)))["params"]
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+
+def test_param_count_matches_closed_form_for_odd_shapes():
+  cfg = ModelConfig(vocab_size=101, d_model=24, d_ff=40, num_heads=3, d_k=5, d_v=9,
+                    num_encoder_layers=3, num_decoder_layers=3)
+  assert count_shapes(cfg) == closed_form_params(101, 3, 24, 3, 5, 9, 40)

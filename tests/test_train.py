@@ -1,0 +1,109 @@
+"""Section 5 checks: label smoothing, the learning-rate schedule, Adam, learning on real pairs."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from transformer import sharding, train
+from transformer.config import EOS_ID, PAD_ID, ModelConfig, TrainConfig
+
+
+def test_label_smoothed_loss_by_hand():
+  # One sentence of 2 tokens + 1 pad over a vocabulary of 4.
+  logits = np.array([[[2.0, 1.0, 0.0, -1.0], [0.5, 0.5, 3.0, 0.0], [9.0, 9.0, 9.0, 9.0]]])
+  targets = np.array([[1, 2, PAD_ID]])
+  eps, V = 0.1, 4
+  total = 0.0
+  for t in range(2):
+    z = logits[0, t]
+    logp = z - math.log(sum(math.exp(v) for v in z))
+    q = [eps / (V - 1)] * V
+    q[targets[0, t]] = 1 - eps
+    total += -sum(qi * lp for qi, lp in zip(q, logp))
+  want = total / 2  # averaged over the 2 non-pad tokens
+  got, metrics = train.loss_and_metrics(jnp.asarray(logits), jnp.asarray(targets), eps)
+  assert abs(float(got) - want) < 1e-5
+  assert float(metrics["tokens"]) == 2.0
+  nll = -(logits[0, 0, 1] - math.log(np.exp(logits[0, 0]).sum())) \
+        - (logits[0, 1, 2] - math.log(np.exp(logits[0, 1]).sum()))
+  assert abs(float(metrics["nll_sum"]) - nll) < 1e-5
+  # eps = 0 is plain cross entropy.
+  got0, _ = train.loss_and_metrics(jnp.asarray(logits), jnp.asarray(targets), 0.0)
+  assert abs(float(got0) - nll / 2) < 1e-5
+
+
+def test_learning_rate_at_paper_steps():
+  d, warmup = 512, 4000
+  for step, want in [(1, d ** -0.5 * 1 * warmup ** -1.5),
+                     (4000, d ** -0.5 * 4000 ** -0.5),
+                     (16000, d ** -0.5 * 16000 ** -0.5)]:
+    assert math.isclose(float(train.learning_rate(step, d, warmup)), want, rel_tol=1e-6)
+  sched = train.make_schedule(ModelConfig(d_model=512), TrainConfig(warmup_steps=4000))
+  # optax counts updates from 0: update k uses the rate of paper step k + 1.
+  assert math.isclose(float(sched(0)), d ** -0.5 * warmup ** -1.5, rel_tol=1e-6)
+  assert math.isclose(float(sched(3999)), d ** -0.5 * 4000 ** -0.5, rel_tol=1e-6)
+
+
+def test_first_adam_update_has_the_scheduled_size():
+  # Bias-corrected Adam's first update is -lr * g / (|g| + eps) ~ -lr * sign(g).
+  mcfg, tcfg = ModelConfig(d_model=512), TrainConfig(warmup_steps=4000)
+  opt = train.make_optimizer(mcfg, tcfg)
+  params = {"w": jnp.array([1.0, -2.0, 3.0])}
+  grads = {"w": jnp.array([0.5, -0.25, 2.0])}
+  updates, _ = opt.update(grads, opt.init(params), params)
+  lr1 = 512 ** -0.5 * 4000 ** -1.5
+  np.testing.assert_allclose(np.asarray(updates["w"]), -lr1 * np.sign([0.5, -0.25, 2.0]), rtol=1e-5)
+  assert (tcfg.adam_b1, tcfg.adam_b2, tcfg.adam_eps) == (0.9, 0.98, 1e-9)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  cfg = ModelConfig(vocab_size=40, d_model=16, d_ff=32, num_heads=2, num_encoder_layers=1,
+                    num_decoder_layers=1, dropout_rate=0.0)
+  mesh = sharding.make_mesh("data:1", jax.devices()[:1])
+  rng = np.random.RandomState(0)
+  src = rng.randint(4, 40, (4, 6)).astype(np.int32)
+  tgt = rng.randint(4, 40, (4, 6)).astype(np.int32)
+  big = train.Trainer(cfg, TrainConfig(warmup_steps=10), mesh)
+  acc = train.Trainer(cfg, TrainConfig(warmup_steps=10, grad_accum_steps=2), mesh)
+  s_big, s_acc = big.init_state(0), acc.init_state(0)
+  s_big, _ = big.train_step(s_big, {"inputs": src, "targets": tgt})
+  # Same number of tokens in each half, so the mean of means is the global mean.
+  for half in (slice(0, 2), slice(2, 4)):
+    s_acc, _ = acc.train_step(s_acc, {"inputs": src[half], "targets": tgt[half]})
+  for a, b in zip(jax.tree.leaves(s_big.params), jax.tree.leaves(s_acc.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_tiny_model_overfits_real_sentence_pairs(tmp_path, multi30k_dir):
+  from transformer import decode
+  from transformer.data import pipeline, tokenizer as tokenizer_lib
+  en = (multi30k_dir / "train.en").read_text(encoding="utf-8").splitlines()[:12]
+  de = (multi30k_dir / "train.de").read_text(encoding="utf-8").splitlines()[:12]
+  tokenizer_lib.train_sentencepiece(en + de, str(tmp_path / "spm.model"), vocab_size=200)
+  tok = tokenizer_lib.Tokenizer.load(str(tmp_path / "spm.model"))
+  examples = [{"source": s, "target": t, "id": i} for i, (s, t) in enumerate(zip(en, de))]
+  tokenized = pipeline.tokenize_split(examples, tok)
+  (batch,) = pipeline.make_eval_batches(tokenized, 12 * 64, [64])
+  cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, d_ff=128, num_heads=4,
+                    num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0)
+  mesh = sharding.make_mesh("data:1", jax.devices()[:1])
+  trainer = train.Trainer(cfg, TrainConfig(warmup_steps=30, learning_rate_scale=2.0,
+                                           label_smoothing=0.0), mesh)
+  state = trainer.init_state(0)
+  data = {"inputs": batch["inputs"], "targets": batch["targets"]}
+  first = None
+  for _ in range(150):
+    state, m = trainer.train_step(state, data)
+    first = first if first is not None else float(m["nll_sum"] / m["tokens"])
+  final = float(m["nll_sum"] / m["tokens"])
+  assert first > 4.0 and final < 0.05, (first, final)
+  seqs, _ = decode.beam_search(state.params, batch["inputs"], model_cfg=cfg, beam_size=1,
+                               alpha=0.6, max_decode_len_offset=10)
+  hyps = {int(i): tok.decode(np.asarray(s).tolist()) for i, s in zip(batch["index"], seqs[:, 0])
+          if i >= 0}
+  exact = sum(hyps[i] == de[i] for i in range(12))
+  assert exact >= 11, [(hyps[i], de[i]) for i in range(12) if hyps[i] != de[i]]

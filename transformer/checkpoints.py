@@ -1,0 +1,84 @@
+"""Orbax checkpoints: train state + data-iterator state + config, resume, averaging.
+
+Layout of a workdir:
+  checkpoints/<step>/{state,data,config}   saved every K steps, the last N kept
+  averaged/<step>/{state,data,config}      mean parameters of the last n checkpoints
+Restores go through abstract targets with shardings, so a checkpoint written on one
+mesh restores onto any other mesh (or one device).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from absl import logging
+
+ITEMS = ("state", "data", "config")
+
+
+class CheckpointError(RuntimeError):
+  """A user-facing checkpoint problem (one line)."""
+
+
+class Checkpointer:
+  """A CheckpointManager over `directory` holding composite (state, data, config) items."""
+
+  def __init__(self, directory: str, keep: int = 20, create: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                           enable_async_checkpointing=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: Optional[dict], config: dict,
+           force: bool = True) -> bool:
+    """Starts an async save of `step`; `wait()` blocks until it is on disk."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave(data_state or {}),
+                              config=ocp.args.JsonSave(config))
+    return self.manager.save(step, args=args, force=force)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+    """(state, data_state, config) of `step`, placed with abstract_state's shardings."""
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
+    restored = self.manager.restore(step, args=args)
+    return restored.state, restored.data, restored.config
+
+  def restore_config(self, step: int) -> dict:
+    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return restored.config
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def average_checkpoints(ckpt: Checkpointer, steps: Sequence[int], abstract_state: Any):
+  """Mean parameters of `steps` (the paper averages the last 5 / 20 checkpoints).
+
+  Returns the state of the last step with its params replaced by the running mean
+  (accumulated in float32, one checkpoint in memory at a time), and that step's config.
+  """
+  if not steps:
+    raise CheckpointError("no checkpoints to average")
+  mean = None
+  for n, step in enumerate(steps, start=1):
+    state, _, config = ckpt.restore(step, abstract_state)
+    params = jax.tree.map(lambda x: x.astype(jnp.float32), state.params)
+    mean = params if mean is None else jax.tree.map(lambda m, p: m + (p - m) / n, mean, params)
+    logging.info("averaging: added step %d (%d/%d)", step, n, len(steps))
+  mean = jax.tree.map(lambda m, p: m.astype(p.dtype), mean, state.params)
+  return state.replace(params=mean), config

@@ -1,0 +1,183 @@
+"""SentencePiece subwords: one vocabulary shared by source and target.
+
+The paper (sec 5.1) uses byte-pair encoding with a shared source-target
+vocabulary of about 37000 tokens for WMT14 En-De. The model is trained here with
+the special ids of `transformer.config` (PAD=0, EOS=1, BOS=2, UNK=3).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from typing import Callable, Iterable, Optional, Sequence
+
+from absl import logging
+import numpy as np
+import sentencepiece as spm
+
+from transformer.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+
+def _sample_sentences(sentences: Iterable[str], max_sentences: int,
+                      seed: int) -> list[str]:
+  """Uniform reservoir sample of at most `max_sentences` non-empty lines."""
+  rng = np.random.default_rng(seed)
+  sample: list[str] = []
+  seen = 0
+  for sentence in sentences:
+    if not sentence or not sentence.strip():
+      continue
+    if len(sample) < max_sentences:
+      sample.append(sentence)
+    else:
+      j = int(rng.integers(0, seen + 1))
+      if j < max_sentences:
+        sample[j] = sentence
+    seen += 1
+  logging.info("SentencePiece: sampled %d of %d non-empty sentences.",
+               len(sample), seen)
+  return sample
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+  """Writes a temp file next to `path`, then renames it over `path`."""
+  fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=os.path.dirname(path))
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def train_sentencepiece(sentences: Iterable[str], model_path: str,
+                        vocab_size: int, model_type: str = "bpe",
+                        character_coverage: float = 1.0,
+                        max_sentences: int = 1_000_000, seed: int = 0) -> None:
+  """Trains one shared model and writes `model_path` (+ `.vocab`) atomically.
+
+  Args:
+    sentences: source and target training sentences (any order).
+    model_path: output path, e.g. '<workdir>/spm.model'; the vocabulary is
+      written next to it with the suffix '.vocab'.
+    vocab_size: target vocabulary size (a soft limit: tiny corpora get less).
+    model_type: 'bpe' (paper) or 'unigram'.
+    character_coverage: fraction of characters covered by the alphabet.
+    max_sentences: reservoir sample size used for training.
+    seed: sampling and SentencePiece random seed.
+  """
+  if vocab_size <= 4:
+    raise ValueError(f"vocab_size must be > 4, got {vocab_size}")
+  sample = _sample_sentences(sentences, max_sentences, seed)
+  if not sample:
+    raise ValueError(f"No non-empty sentences to train {model_path}")
+  model_path = os.path.abspath(model_path)
+  os.makedirs(os.path.dirname(model_path), exist_ok=True)
+  vocab_path = os.path.splitext(model_path)[0] + ".vocab"
+  spm.set_random_generator_seed(seed)
+  proto = io.BytesIO()  # model_writer: no temp path ends up in the trainer spec
+  spm.SentencePieceTrainer.Train(
+      sentence_iterator=iter(sample),
+      model_writer=proto,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      character_coverage=character_coverage,
+      pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
+      hard_vocab_limit=False,
+      input_sentence_size=0,        # already sampled above
+      shuffle_input_sentence=False,  # deterministic
+      num_threads=min(os.cpu_count() or 1, 16),
+      minloglevel=1,
+  )
+  model_proto = proto.getvalue()
+  sp = spm.SentencePieceProcessor(model_proto=model_proto)
+  vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n"
+                  for i in range(sp.get_piece_size()))
+  _write_atomic(vocab_path, vocab.encode("utf-8"))
+  _write_atomic(model_path, model_proto)
+  logging.info("SentencePiece: wrote %s", model_path)
+
+
+class Tokenizer:
+  """Text <-> ids with a SentencePiece model; EOS is added by the pipeline."""
+
+  def __init__(self, model_proto: bytes, path: Optional[str] = None):
+    self._proto = model_proto
+    self.path = path
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    expected = {PAD_ID: "pad", EOS_ID: "eos", BOS_ID: "bos", UNK_ID: "unk"}
+    got = {"pad": self._sp.pad_id(), "eos": self._sp.eos_id(),
+           "bos": self._sp.bos_id(), "unk": self._sp.unk_id()}
+    for want_id, name in expected.items():
+      if got[name] != want_id:
+        raise ValueError(
+            f"SentencePiece model {path or '<proto>'} has {name}_id={got[name]},"
+            f" expected {want_id}; retrain it with this code")
+
+  @classmethod
+  def load(cls, path: str) -> "Tokenizer":
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"SentencePiece model not found: {path}")
+    with open(path, "rb") as f:
+      return cls(f.read(), path=path)
+
+  def __getstate__(self):
+    return {"model_proto": self._proto, "path": self.path}
+
+  def __setstate__(self, state):
+    self.__init__(state["model_proto"], state["path"])
+
+  @property
+  def vocab_size(self) -> int:
+    """Number of pieces, special ids included."""
+    return self._sp.get_piece_size()
+
+  def encode(self, text: str) -> list[int]:
+    """Ids of `text`, without EOS."""
+    return self._sp.encode(text, out_type=int)
+
+  def encode_batch(self, texts: Sequence[str], num_threads: int = -1
+                   ) -> list[list[int]]:
+    """Ids of each text, without EOS (multi-threaded in C++)."""
+    return self._sp.encode(list(texts), out_type=int, num_threads=num_threads)
+
+  def _clean(self, ids) -> list[int]:
+    out = []
+    size = self.vocab_size
+    for i in np.asarray(ids).reshape(-1).tolist():
+      if i == EOS_ID:
+        break
+      if i in (PAD_ID, BOS_ID):
+        continue
+      out.append(i if 0 <= i < size else UNK_ID)
+    return out
+
+  def decode(self, ids) -> str:
+    """Text of `ids` up to the first EOS; PAD and BOS are ignored."""
+    return self._sp.decode(self._clean(ids))
+
+  def decode_batch(self, ids) -> list[str]:
+    """Decodes each row of `ids` ([batch, length] array or list of lists)."""
+    return self._sp.decode([self._clean(row) for row in ids])
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(i)
+
+
+def load_or_train(path: str, sentences_fn: Callable[[], Iterable[str]],
+                  vocab_size: int, model_type: str = "bpe",
+                  character_coverage: float = 1.0,
+                  max_sentences: int = 1_000_000, seed: int = 0) -> Tokenizer:
+  """Loads `path` if it exists, else trains it from `sentences_fn()`."""
+  if os.path.exists(path):
+    logging.info("SentencePiece: loading %s", path)
+    return Tokenizer.load(path)
+  logging.info("SentencePiece: %s not found, training (vocab %d).",
+               path, vocab_size)
+  train_sentencepiece(sentences_fn(), path, vocab_size, model_type=model_type,
+                      character_coverage=character_coverage,
+                      max_sentences=max_sentences, seed=seed)
+  return Tokenizer.load(path)

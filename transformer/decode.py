@@ -1,0 +1,170 @@
+"""Section 6.1 inference: beam search over the decoder's KV cache (greedy = beam 1).
+
+Score of a finished hypothesis Y: log P(Y | X) / lp(Y), lp(Y) = ((5 + |Y|) / 6)^alpha
+(Wu et al. 2016), |Y| counting EOS. The output of each sentence is at most
+(its source length + `max_decode_len_offset`) tokens long; search stops early when
+no alive hypothesis can still beat the worst of the `beam_size` finished ones.
+The whole search is one `lax.while_loop`, compiled once per input shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from transformer import sharding
+from transformer.config import BOS_ID, EOS_ID, PAD_ID, DecodeConfig, ModelConfig
+from transformer.model import Transformer
+
+NEG_INF = -1.0e7
+
+
+def length_penalty(length, alpha: float):
+  """GNMT: ((5 + |Y|) / 6)^alpha."""
+  return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+@flax.struct.dataclass
+class BeamState:
+  i: jax.Array                # decode step (number of tokens generated so far)
+  alive_seqs: jax.Array       # [batch, beam, max_len + 1] int32, BOS at position 0
+  alive_log_probs: jax.Array  # [batch, beam]
+  finished_seqs: jax.Array    # [batch, beam, max_len + 1]
+  finished_scores: jax.Array  # [batch, beam] length-normalised; NEG_INF if empty
+  finished_flags: jax.Array   # [batch, beam] bool
+  cache: Any                  # decoder cache, leading dim batch * beam
+
+
+def _flat(x):  # [batch, beam, ...] -> [batch * beam, ...]
+  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _unflat(x, batch):  # [batch * beam, ...] -> [batch, beam, ...]
+  return x.reshape((batch, x.shape[0] // batch) + x.shape[1:])
+
+
+def _gather_beams(cache, beam_indices, batch):
+  """Reorders cache leaves [batch * beam, ...] by beam_indices [batch, beam]."""
+  def gather(x):
+    if x.ndim == 0:  # cache indices are shared by all beams
+      return x
+    y = _unflat(x, batch)
+    idx = beam_indices.reshape(beam_indices.shape + (1,) * (y.ndim - 2))
+    return _flat(jnp.take_along_axis(y, idx, axis=1))
+  return jax.tree.map(gather, cache)
+
+
+def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size: int,
+                alpha: float, max_decode_len_offset: int):
+  """Beam search for a batch of sources.
+
+  Args:
+    params: model parameters.
+    inputs: [batch, src_len] int32 source ids + EOS, PAD-padded.
+  Returns:
+    sequences: [batch, beam, max_len] best-first finished hypotheses (EOS, then PAD).
+    scores: [batch, beam] length-normalised log probabilities.
+  """
+  batch, src_len = inputs.shape
+  max_len = src_len + max_decode_len_offset  # static bound for this input shape
+  # Per-sentence bound: source length (non-pad tokens incl. EOS) + offset.
+  limits = jnp.sum(inputs != PAD_ID, axis=1) + max_decode_len_offset  # [batch]
+  model = Transformer(model_cfg)
+  decoder = Transformer(dataclasses.replace(model_cfg, decode=True))
+
+  encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
+  # [batch * beam, src_len, d_model] and [batch * beam, src_len]
+  encoded = _flat(jnp.repeat(encoded[:, None], beam_size, axis=1))
+  beam_inputs = _flat(jnp.repeat(inputs[:, None], beam_size, axis=1))
+  cache_shapes = jax.eval_shape(
+      lambda: decoder.init(jax.random.PRNGKey(0), encoded, beam_inputs,
+                           jnp.zeros((batch * beam_size, max_len), jnp.int32),
+                           method=Transformer.decode))["cache"]
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
+
+  # Only beam 0 is alive at the start, so the first expansion has no duplicates.
+  init = BeamState(
+      i=jnp.array(0, jnp.int32),
+      alive_seqs=jnp.full((batch, beam_size, max_len + 1), PAD_ID, jnp.int32).at[:, :, 0].set(BOS_ID),
+      alive_log_probs=jnp.tile(jnp.array([0.0] + [NEG_INF] * (beam_size - 1)), (batch, 1)),
+      finished_seqs=jnp.full((batch, beam_size, max_len + 1), PAD_ID, jnp.int32),
+      finished_scores=jnp.full((batch, beam_size), NEG_INF),
+      finished_flags=jnp.zeros((batch, beam_size), bool),
+      cache=cache)
+
+  def not_done(s: BeamState):
+    # Best score an alive beam could still reach: log-probs only fall, lp only grows.
+    best_alive = s.alive_log_probs[:, 0] / length_penalty(limits, alpha)
+    worst_finished = jnp.where(s.finished_flags, s.finished_scores, NEG_INF).min(axis=1)
+    can_improve = ~jnp.all(s.finished_flags, axis=1) | (best_alive > worst_finished)
+    return (s.i < max_len) & jnp.any(can_improve & (s.i < limits))
+
+  def step(s: BeamState):
+    tokens = _flat(jax.lax.dynamic_slice_in_dim(s.alive_seqs, s.i, 1, axis=2))  # [b*k, 1]
+    logits, new_vars = decoder.apply({"params": params, "cache": s.cache}, encoded, beam_inputs,
+                                     tokens, method=Transformer.decode, mutable=["cache"])
+    log_probs = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32))  # [b*k, vocab]
+    vocab = log_probs.shape[-1]
+    log_probs = _unflat(log_probs, batch)                                # [b, k, vocab]
+    # At a sentence's length limit only EOS may follow.
+    at_limit = (s.i + 1 >= limits)[:, None, None]
+    is_eos = (jnp.arange(vocab) == EOS_ID)[None, None, :]
+    log_probs = jnp.where(at_limit & ~is_eos, NEG_INF, log_probs)
+    candidates = (s.alive_log_probs[:, :, None] + log_probs).reshape(batch, -1)  # [b, k*vocab]
+    # 2k candidates always hold k that do not end in EOS.
+    top_lp, top_idx = jax.lax.top_k(candidates, 2 * beam_size)  # [b, 2k]
+    beam_idx, token = top_idx // vocab, top_idx % vocab
+    seqs = jnp.take_along_axis(s.alive_seqs, beam_idx[:, :, None], axis=1)  # [b, 2k, T+1]
+    seqs = jax.lax.dynamic_update_slice_in_dim(seqs, token[:, :, None], s.i + 1, axis=2)
+    ended = token == EOS_ID
+    # Alive: the best k candidates that did not end.
+    alive_lp = jnp.where(ended, NEG_INF, top_lp)
+    alive_lp, alive_pick = jax.lax.top_k(alive_lp, beam_size)
+    alive_seqs = jnp.take_along_axis(seqs, alive_pick[:, :, None], axis=1)
+    cache = _gather_beams(new_vars["cache"], jnp.take_along_axis(beam_idx, alive_pick, axis=1),
+                          batch)
+    # Finished: merge the newly ended candidates into the best k so far.
+    new_scores = jnp.where(ended & (top_lp > NEG_INF / 2),
+                           top_lp / length_penalty(s.i + 1, alpha), NEG_INF)
+    all_seqs = jnp.concatenate([s.finished_seqs, seqs], axis=1)
+    all_scores = jnp.concatenate([s.finished_scores, new_scores], axis=1)
+    all_flags = jnp.concatenate([s.finished_flags, new_scores > NEG_INF / 2], axis=1)
+    fin_scores, fin_pick = jax.lax.top_k(jnp.where(all_flags, all_scores, 2 * NEG_INF), beam_size)
+    return BeamState(
+        i=s.i + 1, alive_seqs=alive_seqs, alive_log_probs=alive_lp,
+        finished_seqs=jnp.take_along_axis(all_seqs, fin_pick[:, :, None], axis=1),
+        finished_scores=jnp.maximum(fin_scores, NEG_INF),
+        finished_flags=jnp.take_along_axis(all_flags, fin_pick, axis=1),
+        cache=cache)
+
+  final = jax.lax.while_loop(not_done, step, init)
+  return final.finished_seqs[:, :, 1:], final.finished_scores
+
+
+@dataclasses.dataclass
+class BeamSearcher:
+  """Jitted beam search, sharded over the mesh; compiles once per input shape."""
+  model_cfg: ModelConfig
+  decode_cfg: DecodeConfig
+  mesh: Mesh
+  params_shardings: Any
+
+  def __post_init__(self):
+    fn = functools.partial(beam_search, model_cfg=self.model_cfg,
+                           beam_size=self.decode_cfg.beam_size, alpha=self.decode_cfg.alpha,
+                           max_decode_len_offset=self.decode_cfg.max_decode_len_offset)
+    batch_sh = sharding.batch_sharding(self.mesh)
+    self._search = jax.jit(fn, in_shardings=(self.params_shardings, batch_sh),
+                           out_shardings=(batch_sh, batch_sh))
+
+  def __call__(self, params, inputs: jax.Array):
+    """Returns the best hypothesis per sentence: [batch, max_len] ids and [batch] scores."""
+    with sharding.mesh_context(self.mesh):
+      seqs, scores = self._search(params, inputs)
+    return seqs[:, 0], scores[:, 0]

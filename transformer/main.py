@@ -1,0 +1,74 @@
+r"""Entry point: flags -> frozen config -> library calls.
+
+  python -m transformer.main --flagfile=experiments/cpu/multi30k_en_de.flags \
+      --workdir=/tmp/m30k --mode=train|evaluate|translate|average
+
+Modes:
+  train      train (resuming from the workdir's latest checkpoint), evaluating on the dev split
+  average    average the last --num_average checkpoints into <workdir>/averaged
+  evaluate   beam-search the --test_split, write hypotheses, print BLEU and perplexity
+  translate  translate sentences from --input (default stdin) to --output (default stdout)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+from transformer import config as config_lib
+
+FLAGS = flags.FLAGS
+config_lib.define_flags(FLAGS)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, vocabulary, metrics, outputs.")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate", "translate", "average"], "What to do.")
+flags.DEFINE_string("checkpoint", "latest",
+                    "Checkpoint for evaluate/translate: 'latest', 'averaged' or a step number.")
+flags.DEFINE_string("input", None, "translate: input file (default stdin).")
+flags.DEFINE_string("output", None, "translate: output file (default stdout);"
+                    " evaluate: hypotheses file (default <workdir>/<split>.hyp).")
+flags.DEFINE_string("log_to", None, "Also append logs to this file.")
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+class _QuietLibraries:
+  """Keeps library INFO chatter (Orbax, TFDS, Grain) out of the progress log; warnings pass."""
+  _NOISY = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/jax/_src/")
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or not any(n in record.pathname for n in self._NOISY)
+
+
+def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}; every option is a --flag")
+  if not FLAGS.workdir:
+    _fail("--workdir is required")
+  from transformer import run  # pylint: disable=g-import-not-at-top  (imports jax)
+  try:
+    cfg = config_lib.from_flags(FLAGS)
+    if FLAGS.mode == "train":
+      run.train(cfg, FLAGS.workdir)
+    elif FLAGS.mode == "average":
+      run.average(cfg, FLAGS.workdir)
+    elif FLAGS.mode == "evaluate":
+      run.evaluate(cfg, FLAGS.workdir, FLAGS.checkpoint, FLAGS.output)
+    elif FLAGS.mode == "translate":
+      run.translate(cfg, FLAGS.workdir, FLAGS.checkpoint, FLAGS.input, FLAGS.output)
+  except run.USER_ERRORS as e:
+    _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def run_main():
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run_main()

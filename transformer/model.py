@@ -1,0 +1,433 @@
+"""The Transformer of "Attention Is All You Need" (Vaswani et al., 2017), section 3.
+
+Modules appear in the order of the paper:
+  3.2.1 scaled dot-product attention   -> `dot_product_attention`
+  3.2.2 multi-head attention           -> `MultiHeadAttention` (with a KV cache for decoding)
+  3.3   position-wise feed-forward     -> `FeedForward`
+  3.4   embeddings and softmax         -> `SharedEmbedding` (one matrix, scaled by sqrt(d_model))
+  3.5   positional encoding            -> `sinusoidal_positions`, `AddPositions`
+  3.1   encoder and decoder stacks     -> `EncoderLayer`, `DecoderLayer`, `Encoder`, `Decoder`
+        the whole model                -> `Transformer`
+
+Shapes use [batch, length, heads, head_dim]. Parameters carry logical axis names
+('vocab', 'embed', 'heads', 'kv', 'mlp'); `sharding.py` maps them onto the mesh.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformer.config import BOS_ID, PAD_ID, ModelConfig
+
+Array = jax.Array
+
+# Initialisers (the paper does not specify them): Glorot-uniform projections,
+# N(0, d_model^-1/2) embeddings so that embeddings * sqrt(d_model) have unit scale.
+_dense_init = nn.initializers.xavier_uniform()
+
+
+def _partitioned(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def _constrain(x: Array, names: tuple[Optional[str], ...]) -> Array:
+  """Activation sharding hint (no-op outside a mesh / without rules)."""
+  return nn.with_logical_constraint(x, names)
+
+
+# ----------------------------------------------------------------------------
+# 3.2.1 Scaled dot-product attention
+# ----------------------------------------------------------------------------
+
+def dot_product_attention(query: Array, key: Array, value: Array, mask: Optional[Array],
+                          dropout_rng: Optional[Array] = None, dropout_rate: float = 0.0,
+                          deterministic: bool = True, dtype=jnp.float32) -> Array:
+  """softmax(Q K^T / sqrt(d_k)) V.
+
+  Args:
+    query: [batch, q_len, heads, d_k]
+    key:   [batch, kv_len, heads, d_k]
+    value: [batch, kv_len, heads, d_v]
+    mask:  bool, broadcastable to [batch, heads, q_len, kv_len]; True = attend.
+  Returns:
+    [batch, q_len, heads, d_v]
+  """
+  d_k = query.shape[-1]
+  query = query / jnp.sqrt(d_k).astype(query.dtype)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)  # [batch, heads, q_len, kv_len]
+  logits = logits.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  if not deterministic and dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), value)
+
+
+# ----------------------------------------------------------------------------
+# 3.2.2 Multi-head attention
+# ----------------------------------------------------------------------------
+
+class MultiHeadAttention(nn.Module):
+  """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
+
+  W^Q, W^K: [d_model, h, d_k]; W^V: [d_model, h, d_v]; W^O: [h, d_v, d_model]; no biases.
+  With `decode=True` and `cache=True` (decoder self-attention) keys and values of
+  earlier steps are kept in the 'cache' collection: [batch, max_len, heads, d_k|d_v].
+  """
+  config: ModelConfig
+  cache: bool = False  # only decoder self-attention caches
+  sow_weights: bool = False
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array],
+               deterministic: bool) -> Array:
+    cfg = self.config
+    h, d_k, d_v, d = cfg.num_heads, cfg.head_dim_k, cfg.head_dim_v, cfg.d_model
+
+    def weight(name, shape, names, in_axis, out_axis):
+      init = nn.initializers.xavier_uniform(in_axis=in_axis, out_axis=out_axis)
+      w = self.param(name, _partitioned(init, names), shape, cfg.param_dtype)
+      return jnp.asarray(w, cfg.dtype)
+
+    w_q = weight("query", (d, h, d_k), ("embed", "heads", "kv"), 0, (1, 2))
+    w_k = weight("key", (d, h, d_k), ("embed", "heads", "kv"), 0, (1, 2))
+    w_v = weight("value", (d, h, d_v), ("embed", "heads", "kv"), 0, (1, 2))
+    w_o = weight("out", (h, d_v, d), ("heads", "kv", "embed"), (0, 1), 2)
+    inputs_q = inputs_q.astype(cfg.dtype)
+    inputs_kv = inputs_kv.astype(cfg.dtype)
+    query = jnp.einsum("bld,dhk->blhk", inputs_q, w_q)
+    key = jnp.einsum("bld,dhk->blhk", inputs_kv, w_k)
+    value = jnp.einsum("bld,dhk->blhk", inputs_kv, w_v)
+    # query/key: [batch, length, heads, d_k]; value: [batch, length, heads, d_v]
+    query = _constrain(query, ("activation_batch", "activation_length", "activation_heads", None))
+    key = _constrain(key, ("activation_batch", "activation_length", "activation_heads", None))
+    value = _constrain(value, ("activation_batch", "activation_length", "activation_heads", None))
+
+    if cfg.decode and self.cache:
+      key, value, mask = self._update_cache(key, value, mask)
+
+    dropout_rng = None
+    if not deterministic and cfg.attention_dropout_rate > 0.0:
+      dropout_rng = self.make_rng("dropout")
+    if cfg.attention_impl in ("xla", "cudnn") and cfg.attention_dropout_rate == 0.0 and d_k == d_v:
+      out = jax.nn.dot_product_attention(query, key, value, mask=mask,
+                                         implementation=cfg.attention_impl)
+    else:
+      out = dot_product_attention(query, key, value, mask, dropout_rng,
+                                  cfg.attention_dropout_rate, deterministic, dtype=cfg.dtype)
+    if self.sow_weights:  # for attention pictures; recomputed, not on the training path
+      logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / np.sqrt(d_k)
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min) if mask is not None else logits
+      self.sow("intermediates", "attention_weights", jax.nn.softmax(logits, axis=-1))
+    # out: [batch, q_len, heads, d_v] -> [batch, q_len, d_model]
+    return jnp.einsum("blhk,hkd->bld", out, w_o)
+
+  def _update_cache(self, key: Array, value: Array, mask: Optional[Array]):
+    """Writes this step's key/value at cache_index; returns all keys/values so far.
+
+    During `init` the cache is created with the full decode length of `key`.
+    """
+    initialized = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not initialized:
+      return key, value, mask
+    batch, max_len = cached_key.value.shape[:2]
+    if key.shape[1] != 1:
+      raise ValueError(f"decode step expects one token, got key shape {key.shape}")
+    i = cache_index.value
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, i, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, i, 0, 0))
+    cache_index.value = i + 1
+    # The new query sees positions 0..i: [batch, 1, 1, max_len].
+    step_mask = (jnp.arange(max_len) <= i)[None, None, None, :]
+    return cached_key.value, cached_value.value, step_mask
+
+
+# ----------------------------------------------------------------------------
+# 3.3 Position-wise feed-forward network
+# ----------------------------------------------------------------------------
+
+class FeedForward(nn.Module):
+  """FFN(x) = max(0, x W_1 + b_1) W_2 + b_2; W_1: [d_model, d_ff], W_2: [d_ff, d_model]."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    x = nn.Dense(cfg.d_ff, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                 kernel_init=_partitioned(_dense_init, ("embed", "mlp")),
+                 bias_init=_partitioned(nn.initializers.zeros, ("mlp",)), name="wi")(x)
+    x = nn.relu(x)  # [batch, length, d_ff]
+    x = _constrain(x, ("activation_batch", "activation_length", "activation_mlp"))
+    x = nn.Dropout(cfg.relu_dropout_rate)(x, deterministic=deterministic)
+    return nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                    kernel_init=_partitioned(_dense_init, ("mlp", "embed")),
+                    bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="wo")(x)
+
+
+# ----------------------------------------------------------------------------
+# 3.4 Embeddings and softmax
+# ----------------------------------------------------------------------------
+
+class SharedEmbedding(nn.Module):
+  """Token embedding E: [vocab, d_model]; embed(ids) = E[ids] * sqrt(d_model).
+
+  `attend(x) = x E^T` is the pre-softmax linear transformation that shares E.
+  """
+  config: ModelConfig
+  num_embeddings: int
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = self.param(
+        "embedding",
+        _partitioned(nn.initializers.normal(stddev=cfg.d_model ** -0.5), ("vocab", "embed")),
+        (self.num_embeddings, cfg.d_model), cfg.param_dtype)
+
+  def __call__(self, ids: Array) -> Array:
+    cfg = self.config
+    x = jnp.take(jnp.asarray(self.embedding, cfg.dtype), ids, axis=0)
+    return x * jnp.sqrt(cfg.d_model).astype(cfg.dtype)  # [batch, length, d_model]
+
+  def attend(self, x: Array) -> Array:
+    # [batch, length, d_model] x [vocab, d_model] -> [batch, length, vocab]
+    return jnp.einsum("bld,vd->blv", x, jnp.asarray(self.embedding, self.config.dtype))
+
+
+class OutputProjection(nn.Module):
+  """Untied pre-softmax projection [d_model, vocab] (only with --noshare_embeddings)."""
+  config: ModelConfig
+  vocab_size: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return nn.Dense(self.vocab_size, use_bias=False, dtype=self.config.dtype,
+                    param_dtype=self.config.param_dtype,
+                    kernel_init=_partitioned(_dense_init, ("embed", "vocab")), name="kernel")(x)
+
+
+# ----------------------------------------------------------------------------
+# 3.5 Positional encoding
+# ----------------------------------------------------------------------------
+
+def sinusoidal_positions(length: int, d_model: int) -> np.ndarray:
+  """PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model)).
+
+  Returns [length, d_model] float32.
+  """
+  pos = np.arange(length, dtype=np.float64)[:, None]                 # [length, 1]
+  two_i = np.arange(0, d_model, 2, dtype=np.float64)[None, :]        # [1, d_model/2]
+  angles = pos / np.power(10000.0, two_i / d_model)                  # [length, d_model/2]
+  pe = np.zeros((length, d_model), dtype=np.float64)
+  pe[:, 0::2] = np.sin(angles)
+  pe[:, 1::2] = np.cos(angles[:, : d_model // 2])
+  return pe.astype(np.float32)
+
+
+class AddPositions(nn.Module):
+  """x + PE[positions]: sinusoids (default) or a learned table (Table 3 row E).
+
+  In decode mode the position is the number of tokens decoded so far (kept in 'cache').
+  """
+  config: ModelConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    length = x.shape[1]
+    if cfg.positional_encoding == "learned":
+      table = self.param("pos_embedding",
+                         _partitioned(nn.initializers.normal(stddev=0.02), (None, "embed")),
+                         (cfg.max_len, cfg.d_model), cfg.param_dtype)
+    else:
+      table = jnp.asarray(sinusoidal_positions(cfg.max_len, cfg.d_model))
+    if self.decode:
+      initialized = self.has_variable("cache", "position_index")
+      index = self.variable("cache", "position_index", lambda: jnp.array(0, jnp.int32))
+      if initialized:
+        pe = jax.lax.dynamic_slice_in_dim(table, index.value, 1)[None]  # [1, 1, d_model]
+        index.value = index.value + 1
+        return x + pe.astype(x.dtype)
+    if length > cfg.max_len:
+      raise ValueError(f"sequence length {length} exceeds --max_len={cfg.max_len}")
+    return x + table[None, :length].astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------
+# 3.1 Encoder and decoder stacks
+# ----------------------------------------------------------------------------
+
+class Sublayer(nn.Module):
+  """Residual + LayerNorm around a sublayer.
+
+  post-LN (paper): LayerNorm(x + Dropout(Sublayer(x)))
+  pre-LN (flag):   x + Dropout(Sublayer(LayerNorm(x)))
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, sublayer, deterministic: bool) -> Array:
+    cfg = self.config
+    norm = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
+                        param_dtype=cfg.param_dtype,
+                        scale_init=_partitioned(nn.initializers.ones, ("embed",)),
+                        bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="norm")
+    drop = nn.Dropout(cfg.dropout_rate)
+    if cfg.pre_layer_norm:
+      return x + drop(sublayer(norm(x)), deterministic=deterministic)
+    return norm(x + drop(sublayer(x), deterministic=deterministic))
+
+
+class EncoderLayer(nn.Module):
+  """Self-attention sublayer, then feed-forward sublayer."""
+  config: ModelConfig
+  sow_weights: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    attn = MultiHeadAttention(cfg, sow_weights=self.sow_weights, name="self_attention")
+    x = Sublayer(cfg, name="attention_block")(
+        x, lambda y: attn(y, y, mask, deterministic), deterministic)
+    ffn = FeedForward(cfg, name="ffn")
+    x = Sublayer(cfg, name="ffn_block")(x, lambda y: ffn(y, deterministic), deterministic)
+    return _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+
+class DecoderLayer(nn.Module):
+  """Masked self-attention, encoder-decoder attention, feed-forward; each a sublayer."""
+  config: ModelConfig
+  sow_weights: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Array, self_mask: Optional[Array],
+               cross_mask: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    self_attn = MultiHeadAttention(cfg, cache=True, sow_weights=self.sow_weights,
+                                   name="self_attention")
+    x = Sublayer(cfg, name="self_attention_block")(
+        x, lambda y: self_attn(y, y, self_mask, deterministic), deterministic)
+    cross_attn = MultiHeadAttention(cfg, sow_weights=self.sow_weights, name="cross_attention")
+    x = Sublayer(cfg, name="cross_attention_block")(
+        x, lambda y: cross_attn(y, encoded, cross_mask, deterministic), deterministic)
+    ffn = FeedForward(cfg, name="ffn")
+    x = Sublayer(cfg, name="ffn_block")(x, lambda y: ffn(y, deterministic), deterministic)
+    return _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+
+def _final_norm(cfg: ModelConfig, name: str):
+  """Pre-LN stacks end with a LayerNorm; post-LN stacks are already normalised."""
+  if not cfg.pre_layer_norm:
+    return lambda x: x
+  return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                      scale_init=_partitioned(nn.initializers.ones, ("embed",)),
+                      bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name=name)
+
+
+def _layer_cls(cls, cfg: ModelConfig, deterministic_argnum: int):
+  """Optionally rematerialised layer; `deterministic` (counting self) stays static."""
+  if cfg.remat:
+    return nn.remat(cls, static_argnums=(deterministic_argnum,))
+  return cls
+
+
+class Encoder(nn.Module):
+  """N encoder layers over (embedding * sqrt(d_model) + PE), with dropout on the sum."""
+  config: ModelConfig
+  embed: nn.Module
+  sow_weights: bool = False
+
+  @nn.compact
+  def __call__(self, inputs: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    # inputs: [batch, src_len] int32 -> x: [batch, src_len, d_model]
+    x = AddPositions(cfg, name="positions")(self.embed(inputs))
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    mask = (inputs != PAD_ID)[:, None, None, :]  # [batch, 1, 1, src_len]
+    layer = _layer_cls(EncoderLayer, cfg, 3)
+    for i in range(cfg.num_encoder_layers):
+      x = layer(cfg, sow_weights=self.sow_weights, name=f"layer_{i}")(x, mask, deterministic)
+    return _final_norm(cfg, "final_norm")(x)
+
+
+class Decoder(nn.Module):
+  """N decoder layers; output logits through the (shared) pre-softmax projection."""
+  config: ModelConfig
+  embed: nn.Module
+  output: Optional[nn.Module] = None  # untied projection; None -> embed.attend
+  sow_weights: bool = False
+
+  @nn.compact
+  def __call__(self, encoded: Array, inputs: Array, decoder_inputs: Array,
+               deterministic: bool) -> Array:
+    cfg = self.config
+    # decoder_inputs: [batch, tgt_len] (BOS + shifted targets, or one token when decoding)
+    y = AddPositions(cfg, decode=cfg.decode, name="positions")(self.embed(decoder_inputs))
+    y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    cross_mask = (inputs != PAD_ID)[:, None, None, :]  # [batch, 1, 1, src_len]
+    if cfg.decode:
+      self_mask = None  # the cache builds the causal mask step by step
+    else:
+      tgt_len = decoder_inputs.shape[1]
+      self_mask = jnp.tril(jnp.ones((tgt_len, tgt_len), bool))[None, None]  # [1,1,tgt,tgt]
+    layer = _layer_cls(DecoderLayer, cfg, 5)
+    for i in range(cfg.num_decoder_layers):
+      y = layer(cfg, sow_weights=self.sow_weights, name=f"layer_{i}")(
+          y, encoded, self_mask, cross_mask, deterministic)
+    y = _final_norm(cfg, "final_norm")(y)
+    logits = self.output(y) if self.output is not None else self.embed.attend(y)
+    logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    return logits.astype(jnp.float32)  # [batch, tgt_len, vocab]
+
+
+def shift_right(targets: Array) -> Array:
+  """[y1, y2, ..., yn] -> [BOS, y1, ..., y(n-1)] along axis 1."""
+  bos = jnp.full_like(targets[:, :1], BOS_ID)
+  return jnp.concatenate([bos, targets[:, :-1]], axis=1)
+
+
+class Transformer(nn.Module):
+  """Encoder-decoder Transformer. `__call__(inputs, targets)` -> logits [batch, tgt_len, vocab].
+
+  inputs: [batch, src_len] source ids + EOS, PAD-padded.
+  targets: [batch, tgt_len] target ids + EOS, PAD-padded (teacher forcing).
+  """
+  config: ModelConfig
+  sow_weights: bool = False
+
+  def setup(self):
+    cfg = self.config
+    if cfg.share_embeddings:
+      self.source_embed = SharedEmbedding(cfg, cfg.vocab_size, name="shared_embedding")
+      self.target_embed = self.source_embed
+      output = None
+    else:
+      tgt_vocab = cfg.output_vocab_size
+      self.source_embed = SharedEmbedding(cfg, cfg.vocab_size, name="source_embedding")
+      self.target_embed = SharedEmbedding(cfg, tgt_vocab, name="target_embedding")
+      output = OutputProjection(cfg, tgt_vocab, name="output_projection")
+    self.encoder = Encoder(cfg, self.source_embed, sow_weights=self.sow_weights, name="encoder")
+    self.decoder = Decoder(cfg, self.target_embed, output, sow_weights=self.sow_weights,
+                           name="decoder")
+
+  def encode(self, inputs: Array, deterministic: bool = True) -> Array:
+    return self.encoder(inputs, deterministic)  # [batch, src_len, d_model]
+
+  def decode(self, encoded: Array, inputs: Array, decoder_inputs: Array,
+             deterministic: bool = True) -> Array:
+    return self.decoder(encoded, inputs, decoder_inputs, deterministic)
+
+  def __call__(self, inputs: Array, targets: Array, deterministic: bool = True) -> Array:
+    encoded = self.encode(inputs, deterministic)
+    return self.decode(encoded, inputs, shift_right(targets), deterministic)

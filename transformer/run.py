@@ -1,0 +1,371 @@
+"""Workflows behind `main.py`'s modes: train (with periodic eval), average, evaluate, translate.
+
+Everything here takes the frozen `Config` and a workdir; nothing reads flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Iterable, Optional
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from transformer import checkpoints, evaluate as evaluate_lib, sharding
+from transformer.config import Config, ConfigError, ModelConfig
+from transformer.data import datasets, pipeline, tokenizer as tokenizer_lib
+from transformer.decode import BeamSearcher
+from transformer.metrics_writer import MetricsWriter
+from transformer.train import Trainer, count_params
+
+USER_ERRORS = (ConfigError, checkpoints.CheckpointError, datasets.DataError, FileNotFoundError,
+               ValueError)
+
+
+# ----------------------------------------------------------------------------
+# Setup shared by all modes
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Setup:
+  cfg: Config
+  workdir: str
+  mesh: Any
+  tokenizer: tokenizer_lib.Tokenizer
+  model_cfg: ModelConfig
+  trainer: Trainer
+
+  @property
+  def is_chief(self) -> bool:
+    return jax.process_index() == 0
+
+
+def _data_dir(cfg: Config, workdir: str) -> str:
+  return cfg.data.tfds_data_dir or os.path.join(workdir, "tfds")
+
+
+def _vocab_path(cfg: Config, workdir: str) -> str:
+  return cfg.data.vocab_path or os.path.join(workdir, "spm.model")
+
+
+def setup(cfg: Config, workdir: str, train_vocab: bool) -> Setup:
+  """Mesh, tokenizer (trained on the train split if absent) and the jitted Trainer."""
+  sharding.maybe_initialize_distributed(cfg.mesh)
+  mesh = sharding.make_mesh(cfg.mesh)
+  vocab_path = _vocab_path(cfg, workdir)
+  if not os.path.exists(vocab_path) and not train_vocab:
+    raise checkpoints.CheckpointError(
+        f"no vocabulary at {vocab_path}: train first (--mode=train) or pass --vocab_path")
+
+  def sentences():
+    return datasets.get_split(cfg.data, cfg.data.train_split, _data_dir(cfg, workdir)).sentences()
+
+  tok = tokenizer_lib.load_or_train(vocab_path, sentences, cfg.model.vocab_size,
+                                    model_type=cfg.data.spm_model_type,
+                                    character_coverage=cfg.data.spm_character_coverage,
+                                    max_sentences=cfg.data.spm_max_sentences, seed=cfg.train.seed)
+  # hard_vocab_limit=False may give fewer pieces than asked for on small corpora.
+  model_cfg = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)
+  if tok.vocab_size != cfg.model.vocab_size:
+    logging.info("vocabulary: %d pieces (asked for %d)", tok.vocab_size, cfg.model.vocab_size)
+  trainer = Trainer(model_cfg, cfg.train, mesh)
+  return Setup(cfg, workdir, mesh, tok, model_cfg, trainer)
+
+
+def _saved_config(s: Setup) -> dict:
+  d = json.loads(s.cfg.to_json())
+  d["model"] = dataclasses.asdict(s.model_cfg)
+  return d
+
+
+def _check_same_model(saved: dict, s: Setup, where: str) -> None:
+  """Resuming with another architecture or vocabulary is an error, not a silent reshape."""
+  mine = dataclasses.asdict(s.model_cfg)
+  keys = ("vocab_size", "target_vocab_size", "num_encoder_layers", "num_decoder_layers",
+          "d_model", "d_ff", "num_heads", "d_k", "d_v", "positional_encoding", "max_len",
+          "share_embeddings", "pre_layer_norm", "param_dtype")
+  diff = [k for k in keys if saved["model"].get(k) != mine.get(k)]
+  if diff:
+    k = diff[0]
+    raise ConfigError(f"{where} was written with {k}={saved['model'].get(k)} but this run has"
+                      f" {k}={mine.get(k)}; use a new --workdir or the checkpoint's flags")
+
+
+def _local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's share of a global batch (rows split evenly over processes)."""
+  n, p = jax.process_count(), jax.process_index()
+  rows = len(next(iter(batch.values())))
+  return {k: v[p * rows // n:(p + 1) * rows // n] for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------
+# Evaluation helpers (also used during training)
+# ----------------------------------------------------------------------------
+
+def eval_loss(s: Setup, params, tokenized) -> dict[str, float]:
+  """Per-token NLL and perplexity of a tokenized split (teacher forcing, no dropout)."""
+  batches = pipeline.make_eval_batches(tokenized, s.cfg.data.eval_tokens_per_batch,
+                                       _boundaries(s.cfg), sharding.batch_size_multiple(s.mesh))
+  nll, tokens = 0.0, 0.0
+  for batch in batches:
+    gb = sharding.global_batch(_local_rows({k: batch[k] for k in ("inputs", "targets")}), s.mesh)
+    m = s.trainer.eval_step(params, gb)
+    nll += float(m["nll_sum"])
+    tokens += float(m["tokens"])
+  return {"nll": nll / max(tokens, 1.0), "perplexity": evaluate_lib.perplexity(nll, int(tokens)),
+          "tokens": tokens}
+
+
+def translate_tokenized(s: Setup, searcher: BeamSearcher, params, tokenized,
+                        progress: bool = False) -> list[str]:
+  """Beam-search every source of `tokenized`; hypotheses in the original order."""
+  beam = s.cfg.decode.beam_size
+  batches = pipeline.make_eval_batches(tokenized, max(s.cfg.decode.decode_tokens_per_batch // beam, 1),
+                                       _boundaries(s.cfg), sharding.batch_size_multiple(s.mesh))
+  hyps: list[Optional[str]] = [None] * len(tokenized)
+  done, start = 0, time.time()
+  for batch in batches:
+    gb = sharding.global_batch(_local_rows({"inputs": batch["inputs"]}), s.mesh)
+    seqs, _ = searcher(params, gb["inputs"])
+    seqs = np.asarray(multihost_utils.process_allgather(seqs, tiled=True))
+    for row, idx in enumerate(batch["index"]):
+      if idx >= 0:
+        hyps[int(idx)] = s.tokenizer.decode(seqs[row].tolist())
+        done += 1
+    if progress:
+      print(f"translated {done}/{len(hyps)} sentences ({done / (time.time() - start):.1f}/s)",
+            file=sys.stderr, flush=True)
+  return hyps  # type: ignore[return-value]
+
+
+def _boundaries(cfg: Config) -> list[int]:
+  return [int(b) for b in cfg.data.bucket_boundaries.split(",") if b.strip()]
+
+
+def _tokenize(s: Setup, split: str, train: bool):
+  examples = datasets.get_split(s.cfg.data, split, _data_dir(s.cfg, s.workdir))
+  if train:
+    return examples, pipeline.tokenize_split(examples, s.tokenizer, s.cfg.data.max_source_length,
+                                             s.cfg.data.max_target_length, drop_empty=True)
+  return examples, pipeline.tokenize_split(examples, s.tokenizer)
+
+
+# ----------------------------------------------------------------------------
+# --mode=train
+# ----------------------------------------------------------------------------
+
+def train(cfg: Config, workdir: str) -> dict[str, float]:
+  """Trains to --num_train_steps, resuming from the latest checkpoint in workdir."""
+  os.makedirs(workdir, exist_ok=True)
+  s = setup(cfg, workdir, train_vocab=True)
+  tcfg = cfg.train
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    _check_same_model(ckpt.restore_config(latest), s, f"checkpoint {latest} in {workdir}")
+
+  _, train_tok = _tokenize(s, cfg.data.train_split, train=True)
+  train_iter = pipeline.make_train_iterator(
+      train_tok, cfg.data, batch_multiple=sharding.batch_size_multiple(s.mesh),
+      process_index=jax.process_index(), process_count=jax.process_count())
+  eval_examples, eval_tok = _tokenize(s, cfg.data.eval_split, train=False)
+  bleu_examples = eval_examples[:min(tcfg.eval_bleu_sentences, len(eval_examples))]
+  bleu_tok = pipeline.tokenize_split(bleu_examples, s.tokenizer) if bleu_examples else None
+
+  if latest is None:
+    state = s.trainer.init_state(tcfg.seed)
+    logging.info("initialised a new model")
+  else:
+    state, data_state, _ = ckpt.restore(latest, s.trainer.abstract_state)
+    pipeline.restore_iterator(train_iter, data_state)
+    logging.info("resumed from step %d", latest)
+  num_params = count_params(state.params)
+  writer = MetricsWriter(workdir, enabled=s.is_chief)
+  if s.is_chief:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(_saved_config(s), f, indent=2)
+  logging.info("model: %d parameters; mesh %s; %d devices", num_params, dict(s.mesh.shape),
+               jax.device_count())
+  searcher = BeamSearcher(s.model_cfg, cfg.decode, s.mesh, s.trainer.state_shardings.params)
+
+  accum = tcfg.grad_accum_steps  # micro-batches per optimizer update
+  step = int(state.step) // accum  # state.step counts micro-batches
+  if accum > 1:
+    logging.info("gradient accumulation: %d micro-batches of ~%d tokens per update (~%d tokens)",
+                 accum, cfg.data.tokens_per_batch, accum * cfg.data.tokens_per_batch)
+  start_step, t0 = step, time.time()
+  window = {"loss_sum": 0.0, "nll_sum": 0.0, "tokens": 0.0, "source_tokens": 0.0}
+  window_start, pending = time.time(), []
+  summary: dict[str, float] = {"num_params": num_params}
+  while step < tcfg.num_train_steps:
+    for _ in range(accum):
+      batch = next(train_iter)
+      gb = sharding.global_batch({k: batch[k] for k in ("inputs", "targets")}, s.mesh)
+      state, metrics = s.trainer.train_step(state, gb)
+      pending.append(metrics)
+    step += 1
+    out_of_time = tcfg.max_train_minutes > 0 and (time.time() - t0) / 60 >= tcfg.max_train_minutes
+    last = step == tcfg.num_train_steps or out_of_time
+    if step % tcfg.log_every_steps == 0 or last:
+      for m in jax.device_get(pending):
+        for k in window:
+          window[k] += float(m[k])
+      elapsed = time.time() - window_start
+      lr = float(s.trainer.schedule(step - 1))
+      line = {"loss": window["loss_sum"] / max(window["tokens"], 1),
+              "nll": window["nll_sum"] / max(window["tokens"], 1), "lr": lr,
+              "target_tokens_per_s": window["tokens"] / elapsed,
+              "source_tokens_per_s": window["source_tokens"] / elapsed,
+              "grad_norm": float(pending[-1]["grad_norm"]),
+              "steps_per_s": len(pending) / accum / elapsed}
+      eta = (tcfg.num_train_steps - step) / max(line["steps_per_s"], 1e-9)
+      logging.info("step %d | loss %.4f | nll %.4f | lr %.3g | %.0f tgt tok/s | %.2f steps/s | ETA %s",
+                   step, line["loss"], line["nll"], lr, line["target_tokens_per_s"],
+                   line["steps_per_s"], _fmt_time(eta))
+      writer.write(step, "train", line)
+      summary.update(line)
+      window = {k: 0.0 for k in window}
+      window_start, pending = time.time(), []
+    if step % tcfg.eval_every_steps == 0 or last:
+      ev = eval_loss(s, state.params, eval_tok)
+      if bleu_examples:
+        hyps = translate_tokenized(s, searcher, state.params, bleu_tok)
+        ev["bleu"] = evaluate_lib.sacrebleu_score(hyps, [ex["target"] for ex in bleu_examples]).score
+      logging.info("eval step %d | %s nll %.4f | ppl %.2f%s", step, cfg.data.eval_split,
+                   ev["nll"], ev["perplexity"],
+                   f" | BLEU {ev['bleu']:.2f} ({tcfg.eval_bleu_sentences} sents)" if "bleu" in ev else "")
+      writer.write(step, "eval", ev)
+      summary.update({f"eval_{k}": v for k, v in ev.items()})
+    if step % tcfg.checkpoint_every_steps == 0 or last:
+      ckpt.save(step, state, pipeline.iterator_state(train_iter), _saved_config(s))
+    if out_of_time:
+      logging.info("stopping at step %d: --max_train_minutes=%g reached", step,
+                   tcfg.max_train_minutes)
+      break
+  ckpt.close()
+  writer.close()
+  summary["train_seconds"] = time.time() - t0
+  summary["steps"] = step - start_step
+  logging.info("training done: %d steps in %s", step - start_step, _fmt_time(time.time() - t0))
+  return summary
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# ----------------------------------------------------------------------------
+# --mode=average / evaluate / translate
+# ----------------------------------------------------------------------------
+
+def _restore_params(s: Setup, which: str):
+  """Parameters of 'latest', 'averaged' or a step number."""
+  sub = "averaged" if which == "averaged" else "checkpoints"
+  directory = os.path.join(s.workdir, sub)
+  if not os.path.isdir(directory):
+    raise checkpoints.CheckpointError(f"no checkpoint in {directory}: train first"
+                                      + (" and run --mode=average" if which == "averaged" else ""))
+  ckpt = checkpoints.Checkpointer(directory, keep=10**6, create=False)
+  steps = ckpt.steps()
+  if not steps:
+    raise checkpoints.CheckpointError(f"no checkpoint in {directory}: train first")
+  if which in ("latest", "averaged"):
+    step = steps[-1]
+  else:
+    try:
+      step = int(which)
+    except ValueError:
+      raise ConfigError(f"--checkpoint must be latest, averaged or a step, got {which!r}") from None
+    if step not in steps:
+      raise checkpoints.CheckpointError(f"no checkpoint for step {step} in {directory}; have {steps}")
+  _check_same_model(ckpt.restore_config(step), s, f"checkpoint {step} in {directory}")
+  state, _, _ = ckpt.restore(step, s.trainer.abstract_state)
+  ckpt.close()
+  logging.info("restored %s checkpoint of step %d", sub, step)
+  return state.params, step
+
+
+def average(cfg: Config, workdir: str) -> int:
+  """Averages the last --num_average checkpoints into <workdir>/averaged/<last step>."""
+  s = setup(cfg, workdir, train_vocab=False)
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise checkpoints.CheckpointError(f"no checkpoint in {directory}: train first")
+  ckpt = checkpoints.Checkpointer(directory, keep=10**6, create=False)
+  steps = ckpt.steps()[-cfg.decode.num_average:]
+  if not steps:
+    raise checkpoints.CheckpointError(f"no checkpoint in {directory}: train first")
+  _check_same_model(ckpt.restore_config(steps[-1]), s, f"checkpoint {steps[-1]} in {directory}")
+  state, config = checkpoints.average_checkpoints(ckpt, steps, s.trainer.abstract_state)
+  ckpt.close()
+  out = checkpoints.Checkpointer(os.path.join(workdir, "averaged"), keep=1)
+  out.save(steps[-1], state, {"averaged_steps": steps}, config)
+  out.close()
+  logging.info("averaged steps %s into %s/averaged/%d", steps, workdir, steps[-1])
+  print(f"averaged {len(steps)} checkpoints (steps {steps[0]}..{steps[-1]}) ->"
+        f" {os.path.join(workdir, 'averaged', str(steps[-1]))}")
+  return steps[-1]
+
+
+def evaluate(cfg: Config, workdir: str, which: str = "latest",
+             output: Optional[str] = None) -> dict[str, Any]:
+  """Beam-searches --test_split, writes hypotheses, prints BLEU (three conventions) and perplexity."""
+  s = setup(cfg, workdir, train_vocab=False)
+  params, step = _restore_params(s, which)
+  examples, tokenized = _tokenize(s, cfg.data.test_split, train=False)
+  searcher = BeamSearcher(s.model_cfg, cfg.decode, s.mesh, s.trainer.state_shardings.params)
+  t0 = time.time()
+  hyps = translate_tokenized(s, searcher, params, tokenized)
+  decode_seconds = time.time() - t0
+  refs = [ex["target"] for ex in examples]
+  split_name = cfg.data.test_split.replace("/", "_")
+  out_path = output or os.path.join(workdir, f"{split_name}.{which}.hyp")
+  report: dict[str, Any] = {"split": cfg.data.test_split, "checkpoint": which, "step": step,
+                            "sentences": len(hyps), "decode_seconds": decode_seconds}
+  report.update(evaluate_lib.bleu_report(hyps, refs, cfg.data.target_lang))
+  report.update({f"test_{k}": v for k, v in eval_loss(s, params, tokenized).items()})
+  if s.is_chief:
+    evaluate_lib.write_lines(out_path, hyps)
+    with open(os.path.join(workdir, f"{split_name}.{which}.json"), "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+    MetricsWriter(workdir).write(step, f"test_{which}", {k: v for k, v in report.items()
+                                                        if isinstance(v, (int, float))})
+  print(f"hypotheses: {out_path}")
+  print(f"perplexity ({cfg.data.test_split}): {report['test_perplexity']:.3f}")
+  print(f"BLEU {cfg.data.source_lang}->{cfg.data.target_lang} {cfg.data.test_split}"
+        f" ({which} step {step}, beam {cfg.decode.beam_size}, alpha {cfg.decode.alpha}):"
+        f" sacreBLEU {report['sacrebleu']:.2f} [{report['sacrebleu_signature']}]"
+        f" | tokenized+compound-split {report['bleu_tok_compound_split']:.2f}"
+        f" | tokenized lowercased {report['bleu_tok_lc']:.2f}")
+  return report
+
+
+def translate(cfg: Config, workdir: str, which: str = "latest", input_path: Optional[str] = None,
+              output_path: Optional[str] = None) -> list[str]:
+  """Translates lines of --input (or stdin) to --output (or stdout), in order."""
+  s = setup(cfg, workdir, train_vocab=False)
+  params, _ = _restore_params(s, which)
+  if input_path is not None and not os.path.exists(input_path):
+    raise FileNotFoundError(f"--input {input_path} does not exist")
+  stream = open(input_path, "rb") if input_path else sys.stdin.buffer
+  with stream:
+    lines = [raw.decode("utf-8", errors="replace").rstrip("\r\n") for raw in stream]
+  examples = [{"source": line, "target": "", "id": i} for i, line in enumerate(lines)]
+  tokenized = pipeline.tokenize_split(examples, s.tokenizer)
+  searcher = BeamSearcher(s.model_cfg, cfg.decode, s.mesh, s.trainer.state_shardings.params)
+  hyps = translate_tokenized(s, searcher, params, tokenized, progress=True) if lines else []
+  if s.is_chief:
+    if output_path:
+      evaluate_lib.write_lines(output_path, hyps)
+    else:
+      for h in hyps:
+        sys.stdout.write(h + "\n")
+      sys.stdout.flush()
+  return hyps
