@@ -61,6 +61,17 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return restored.config
 
+  def set_aside(self, step: int) -> str:
+    """Renames a damaged checkpoint to <step>.damaged[.n] (kept for inspection, never deleted)."""
+    src = os.path.join(self.directory, str(step))
+    dst, n = src + ".damaged", 0
+    while os.path.exists(dst):
+      n += 1
+      dst = f"{src}.damaged.{n}"
+    os.rename(src, dst)
+    self.manager.reload()
+    return dst
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

@@ -91,7 +91,8 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where sentence pairs come from and how they become batches."""
-  dataset: str = "multi30k"        # multi30k | parallel_text | wmt14_translate/de-en | ...
+  task: str = "translation"        # translation | parsing (section 6.3)
+  dataset: str = "multi30k"        # multi30k | parallel_text | wmt14_translate/de-en | ptb_wsj | ...
   source_lang: str = "en"
   target_lang: str = "de"
   raw_data_dir: Optional[str] = None  # local raw files (e.g. ../shared/data/multi30k)
@@ -104,6 +105,7 @@ class DataConfig:
   spm_model_type: str = "bpe"
   spm_character_coverage: float = 1.0
   spm_max_sentences: int = 1_000_000  # sentences sampled to train the vocabulary
+  spm_split_by_unicode_script: bool = True  # False for parsing: '(NP' stays one piece
   vocab_path: Optional[str] = None  # existing SentencePiece model; None -> workdir/spm.model
   max_source_length: int = 256      # training filter (tokens incl. EOS)
   max_target_length: int = 256
@@ -112,6 +114,8 @@ class DataConfig:
   shuffle_seed: int = 0
   eval_tokens_per_batch: int = 8192
   non_utf8: str = "replace"         # 'replace' | 'skip'
+  parsing_extra_train: str = ""     # parsing: extra tree files for training (semi-supervised)
+  evalb_params: Optional[str] = None  # parsing: EVALB .prm file; None -> built-in COLLINS.prm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +136,8 @@ class TrainConfig:
   checkpoint_every_steps: int = 1000
   keep_checkpoints: int = 20
   max_train_minutes: float = 0.0     # stop early after this wall time (0: no limit)
+  nonfinite: str = "stop"            # NaN/Inf loss or gradient: 'stop' | 'skip' the step
+  debug_nan_step: int = 0            # testing aid: poison the loss of this step (0: never)
 
   def validate(self) -> "TrainConfig":
     for name in ("num_train_steps", "warmup_steps", "grad_accum_steps",
@@ -139,6 +145,8 @@ class TrainConfig:
                  "keep_checkpoints"):
       if getattr(self, name) <= 0:
         raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+    if self.nonfinite not in ("stop", "skip"):
+      raise ConfigError(f"--nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ConfigError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
     return self
@@ -216,7 +224,9 @@ _HELP = {
                       " (always used with attention dropout or d_k != d_v).",
     "remat": "Rematerialise each layer in the backward pass.",
     "decode": "Internal: build the autoregressive decoder (set by the code).",
-    "dataset": "multi30k | parallel_text | wmt14_translate/de-en | wmt14_translate/fr-en.",
+    "task": "translation (BLEU) | parsing (EVALB F1, section 6.3).",
+    "dataset": "multi30k | parallel_text | wmt14_translate/de-en | wmt14_translate/fr-en |"
+               " ptb_wsj (sections 02-21/22/23) | ptb_wsj_sample (NLTK WSJ sample).",
     "source_lang": "Source language code (translation direction is explicit).",
     "target_lang": "Target language code.",
     "raw_data_dir": "Local directory with raw text files (no download).",
@@ -227,6 +237,11 @@ _HELP = {
     "spm_model_type": "SentencePiece model type (bpe|unigram).",
     "spm_character_coverage": "SentencePiece character coverage.",
     "spm_max_sentences": "Sentences sampled to train SentencePiece.",
+    "spm_split_by_unicode_script": "SentencePiece splits letters from punctuation (off for"
+                                   " parsing, so '(NP' is one piece).",
+    "parsing_extra_train": "Comma-separated extra tree files for training (relative to"
+                           " --raw_data_dir), e.g. for the semi-supervised setting.",
+    "evalb_params": "EVALB parameter file (default: built-in COLLINS.prm).",
     "vocab_path": "Existing SentencePiece model (default: <workdir>/spm.model, trained if absent).",
     "max_source_length": "Drop training pairs whose source is longer (tokens).",
     "max_target_length": "Drop training pairs whose target is longer (tokens).",
@@ -243,6 +258,9 @@ _HELP = {
     "eval_bleu_sentences": "Dev sentences beam-decoded for BLEU at each eval (0: none).",
     "checkpoint_every_steps": "Checkpoint period.", "keep_checkpoints": "Checkpoints kept.",
     "max_train_minutes": "Stop training after this many minutes (0: no limit).",
+    "nonfinite": "On a NaN/Inf loss or gradient: 'stop' (diagnostic, last good checkpoint kept)"
+                 " or 'skip' the update (counted and logged).",
+    "debug_nan_step": "Testing aid: make the loss of this step NaN (0: never).",
     "beam_size": "Beam size (1 = greedy).", "alpha": "Length penalty alpha.",
     "max_decode_len_offset": "Max output length = input length + this.",
     "decode_tokens_per_batch": "Source tokens x beam per decoding batch.",
@@ -279,6 +297,8 @@ def from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Config:
   cfg.model.validate()
   cfg.train.validate()
   cfg.decode.validate()
+  if cfg.data.task not in ("translation", "parsing"):
+    raise ConfigError(f"--task must be translation or parsing, got {cfg.data.task!r}")
   if cfg.data.tokens_per_batch <= 0:
     raise ConfigError(f"--tokens_per_batch must be positive, got {cfg.data.tokens_per_batch}")
   if cfg.data.source_lang == cfg.data.target_lang:

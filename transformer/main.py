@@ -8,6 +8,8 @@ Modes:
   average    average the last --num_average checkpoints into <workdir>/averaged
   evaluate   beam-search the --test_split, write hypotheses, print BLEU and perplexity
   translate  translate sentences from --input (default stdin) to --output (default stdout)
+  plot       learning curves of <workdir>/metrics.jsonl -> <workdir>/plots/learning_curves.png
+  attention  heatmaps of every layer/head for --sentence -> <workdir>/plots/attention_*.png
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from transformer import config as config_lib
 FLAGS = flags.FLAGS
 config_lib.define_flags(FLAGS)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, vocabulary, metrics, outputs.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate", "translate", "average"], "What to do.")
+flags.DEFINE_enum("mode", "train",
+                  ["train", "evaluate", "translate", "average", "plot", "attention"], "What to do.")
 flags.DEFINE_string("checkpoint", "latest",
                     "Checkpoint for evaluate/translate: 'latest', 'averaged' or a step number.")
 flags.DEFINE_string("input", None, "translate: input file (default stdin).")
 flags.DEFINE_string("output", None, "translate: output file (default stdout);"
                     " evaluate: hypotheses file (default <workdir>/<split>.hyp).")
-flags.DEFINE_string("log_to", None, "Also append logs to this file.")
+flags.DEFINE_string("sentence", "", "attention: the source sentence to draw.")
 
 
 def _fail(message: str) -> None:
@@ -61,6 +64,10 @@ def main(argv):
       run.evaluate(cfg, FLAGS.workdir, FLAGS.checkpoint, FLAGS.output)
     elif FLAGS.mode == "translate":
       run.translate(cfg, FLAGS.workdir, FLAGS.checkpoint, FLAGS.input, FLAGS.output)
+    elif FLAGS.mode == "plot":
+      run.plot(FLAGS.workdir, FLAGS.output)
+    elif FLAGS.mode == "attention":
+      run.attention(cfg, FLAGS.workdir, FLAGS.sentence, FLAGS.checkpoint, FLAGS.output)
   except run.USER_ERRORS as e:
     _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from typing import Any, Iterable, Optional
 
@@ -17,15 +20,19 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from transformer import checkpoints, evaluate as evaluate_lib, sharding
-from transformer.config import Config, ConfigError, ModelConfig
+from transformer import checkpoints, evaluate as evaluate_lib, parsing, sharding
+from transformer.config import EOS_ID, Config, ConfigError, ModelConfig
 from transformer.data import datasets, pipeline, tokenizer as tokenizer_lib
 from transformer.decode import BeamSearcher
 from transformer.metrics_writer import MetricsWriter
 from transformer.train import Trainer, count_params
 
+class NonFiniteError(RuntimeError):
+  """Training produced a NaN/Inf loss or gradient and --nonfinite=stop."""
+
+
 USER_ERRORS = (ConfigError, checkpoints.CheckpointError, datasets.DataError, FileNotFoundError,
-               ValueError)
+               ValueError, NonFiniteError)
 
 
 # ----------------------------------------------------------------------------
@@ -63,13 +70,18 @@ def setup(cfg: Config, workdir: str, train_vocab: bool) -> Setup:
     raise checkpoints.CheckpointError(
         f"no vocabulary at {vocab_path}: train first (--mode=train) or pass --vocab_path")
 
+  if train_vocab:  # validates (and prepares) the data before anything is written to workdir
+    train_examples = datasets.get_split(cfg.data, cfg.data.train_split, _data_dir(cfg, workdir))
+    os.makedirs(workdir, exist_ok=True)
+
   def sentences():
-    return datasets.get_split(cfg.data, cfg.data.train_split, _data_dir(cfg, workdir)).sentences()
+    return train_examples.sentences()
 
   tok = tokenizer_lib.load_or_train(vocab_path, sentences, cfg.model.vocab_size,
                                     model_type=cfg.data.spm_model_type,
                                     character_coverage=cfg.data.spm_character_coverage,
-                                    max_sentences=cfg.data.spm_max_sentences, seed=cfg.train.seed)
+                                    max_sentences=cfg.data.spm_max_sentences, seed=cfg.train.seed,
+                                    split_by_unicode_script=cfg.data.spm_split_by_unicode_script)
   # hard_vocab_limit=False may give fewer pieces than asked for on small corpora.
   model_cfg = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)
   if tok.vocab_size != cfg.model.vocab_size:
@@ -79,8 +91,11 @@ def setup(cfg: Config, workdir: str, train_vocab: bool) -> Setup:
 
 
 def _saved_config(s: Setup) -> dict:
+  """The run's config as saved with each checkpoint: actual model + vocabulary fingerprint."""
   d = json.loads(s.cfg.to_json())
   d["model"] = dataclasses.asdict(s.model_cfg)
+  d["vocabulary"] = {"requested_size": s.cfg.model.vocab_size, "size": s.tokenizer.vocab_size,
+                     "sha256": s.tokenizer.fingerprint()}
   return d
 
 
@@ -91,6 +106,14 @@ def _check_same_model(saved: dict, s: Setup, where: str) -> None:
           "d_model", "d_ff", "num_heads", "d_k", "d_v", "positional_encoding", "max_len",
           "share_embeddings", "pre_layer_norm", "param_dtype")
   diff = [k for k in keys if saved["model"].get(k) != mine.get(k)]
+  vocab = saved.get("vocabulary", {})
+  if vocab and vocab.get("requested_size") != s.cfg.model.vocab_size:
+    raise ConfigError(f"{where} was written with vocab_size={vocab.get('requested_size')} but this"
+                      f" run has vocab_size={s.cfg.model.vocab_size}; use a new --workdir or the"
+                      " checkpoint's flags")
+  if vocab and vocab.get("sha256") != s.tokenizer.fingerprint():
+    raise ConfigError(f"{where} was trained with another vocabulary than {s.tokenizer.path};"
+                      " use the checkpoint's spm.model (--vocab_path) or a new --workdir")
   if diff:
     k = diff[0]
     raise ConfigError(f"{where} was written with {k}={saved['model'].get(k)} but this run has"
@@ -144,6 +167,11 @@ def translate_tokenized(s: Setup, searcher: BeamSearcher, params, tokenized,
   return hyps  # type: ignore[return-value]
 
 
+def _evalb_params(cfg: Config):
+  return (parsing.load_evalb_params(cfg.data.evalb_params) if cfg.data.evalb_params
+          else parsing.COLLINS_PARAMS)
+
+
 def _boundaries(cfg: Config) -> list[int]:
   return [int(b) for b in cfg.data.bucket_boundaries.split(",") if b.strip()]
 
@@ -160,15 +188,71 @@ def _tokenize(s: Setup, split: str, train: bool):
 # --mode=train
 # ----------------------------------------------------------------------------
 
+class _Preemption:
+  """SIGTERM (what TPU/GPU schedulers send) -> save at the current step and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _restore_latest_good(ckpt: checkpoints.Checkpointer, abstract_state):
+  """Restores the newest checkpoint that reads back; damaged ones are moved aside, not deleted."""
+  for step in reversed(ckpt.steps()):
+    try:
+      return step, ckpt.restore(step, abstract_state)
+    except Exception as e:  # pylint: disable=broad-except  (any read failure = damaged)
+      aside = ckpt.set_aside(step)
+      logging.warning("checkpoint %d is damaged (%s: %s); moved to %s, trying the previous one",
+                      step, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", aside)
+  return None, None
+
+
 def train(cfg: Config, workdir: str) -> dict[str, float]:
-  """Trains to --num_train_steps, resuming from the latest checkpoint in workdir."""
-  os.makedirs(workdir, exist_ok=True)
+  """Trains to --num_train_steps, resuming from the newest good checkpoint in workdir.
+
+  A step is one optimizer update (--grad_accum_steps micro-batches). Checkpoints hold the
+  train state (with its RNG), the data-iterator state and the config, so a restarted run
+  continues exactly as if it had never stopped.
+  """
+  fresh = not os.path.exists(workdir)
+  try:
+    return _train(cfg, workdir)
+  except USER_ERRORS:
+    # A run that fails before its first checkpoint leaves no half-made workdir behind.
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if fresh and not (os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))):
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+
+
+def _train(cfg: Config, workdir: str) -> dict[str, float]:
   s = setup(cfg, workdir, train_vocab=True)
-  tcfg = cfg.train
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    _check_same_model(ckpt.restore_config(latest), s, f"checkpoint {latest} in {workdir}")
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                  keep=cfg.train.keep_checkpoints)
+  try:  # pending async saves finish (and are closed) however the loop ends
+    return _train_loop(s, ckpt)
+  finally:
+    ckpt.close()
+
+
+def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
+  cfg, workdir, tcfg = s.cfg, s.workdir, s.cfg.train
+  if ckpt.steps():
+    _check_same_model(ckpt.restore_config(ckpt.steps()[-1]), s,
+                      f"checkpoint {ckpt.steps()[-1]} in {workdir}")
 
   _, train_tok = _tokenize(s, cfg.data.train_split, train=True)
   train_iter = pipeline.make_train_iterator(
@@ -178,11 +262,12 @@ def train(cfg: Config, workdir: str) -> dict[str, float]:
   bleu_examples = eval_examples[:min(tcfg.eval_bleu_sentences, len(eval_examples))]
   bleu_tok = pipeline.tokenize_split(bleu_examples, s.tokenizer) if bleu_examples else None
 
-  if latest is None:
+  latest, restored = _restore_latest_good(ckpt, s.trainer.abstract_state)
+  if restored is None:
     state = s.trainer.init_state(tcfg.seed)
     logging.info("initialised a new model")
   else:
-    state, data_state, _ = ckpt.restore(latest, s.trainer.abstract_state)
+    state, data_state, _ = restored
     pipeline.restore_iterator(train_iter, data_state)
     logging.info("resumed from step %d", latest)
   num_params = count_params(state.params)
@@ -200,58 +285,96 @@ def train(cfg: Config, workdir: str) -> dict[str, float]:
     logging.info("gradient accumulation: %d micro-batches of ~%d tokens per update (~%d tokens)",
                  accum, cfg.data.tokens_per_batch, accum * cfg.data.tokens_per_batch)
   start_step, t0 = step, time.time()
-  window = {"loss_sum": 0.0, "nll_sum": 0.0, "tokens": 0.0, "source_tokens": 0.0}
-  window_start, pending = time.time(), []
+  window = {"loss_sum": 0.0, "nll_sum": 0.0, "tokens": 0.0, "source_tokens": 0.0, "steps": 0.0}
+  window_start, pending, skipped = time.time(), [], 0
   summary: dict[str, float] = {"num_params": num_params}
-  while step < tcfg.num_train_steps:
-    for _ in range(accum):
-      batch = next(train_iter)
-      gb = sharding.global_batch({k: batch[k] for k in ("inputs", "targets")}, s.mesh)
-      state, metrics = s.trainer.train_step(state, gb)
-      pending.append(metrics)
-    step += 1
-    out_of_time = tcfg.max_train_minutes > 0 and (time.time() - t0) / 60 >= tcfg.max_train_minutes
-    last = step == tcfg.num_train_steps or out_of_time
-    if step % tcfg.log_every_steps == 0 or last:
-      for m in jax.device_get(pending):
-        for k in window:
-          window[k] += float(m[k])
-      elapsed = time.time() - window_start
-      lr = float(s.trainer.schedule(step - 1))
-      line = {"loss": window["loss_sum"] / max(window["tokens"], 1),
-              "nll": window["nll_sum"] / max(window["tokens"], 1), "lr": lr,
-              "target_tokens_per_s": window["tokens"] / elapsed,
-              "source_tokens_per_s": window["source_tokens"] / elapsed,
-              "grad_norm": float(pending[-1]["grad_norm"]),
-              "steps_per_s": len(pending) / accum / elapsed}
-      eta = (tcfg.num_train_steps - step) / max(line["steps_per_s"], 1e-9)
-      logging.info("step %d | loss %.4f | nll %.4f | lr %.3g | %.0f tgt tok/s | %.2f steps/s | ETA %s",
-                   step, line["loss"], line["nll"], lr, line["target_tokens_per_s"],
-                   line["steps_per_s"], _fmt_time(eta))
-      writer.write(step, "train", line)
-      summary.update(line)
-      window = {k: 0.0 for k in window}
-      window_start, pending = time.time(), []
-    if step % tcfg.eval_every_steps == 0 or last:
-      ev = eval_loss(s, state.params, eval_tok)
-      if bleu_examples:
-        hyps = translate_tokenized(s, searcher, state.params, bleu_tok)
-        ev["bleu"] = evaluate_lib.sacrebleu_score(hyps, [ex["target"] for ex in bleu_examples]).score
-      logging.info("eval step %d | %s nll %.4f | ppl %.2f%s", step, cfg.data.eval_split,
-                   ev["nll"], ev["perplexity"],
-                   f" | BLEU {ev['bleu']:.2f} ({tcfg.eval_bleu_sentences} sents)" if "bleu" in ev else "")
-      writer.write(step, "eval", ev)
-      summary.update({f"eval_{k}": v for k, v in ev.items()})
-    if step % tcfg.checkpoint_every_steps == 0 or last:
-      ckpt.save(step, state, pipeline.iterator_state(train_iter), _saved_config(s))
-    if out_of_time:
-      logging.info("stopping at step %d: --max_train_minutes=%g reached", step,
-                   tcfg.max_train_minutes)
-      break
-  ckpt.close()
+
+  def flush(step: int) -> None:
+    """Fetches pending step metrics; handles non-finite steps before anything is saved."""
+    nonlocal pending, skipped
+    for i, m in enumerate(jax.device_get(pending)):
+      bad_step = step - len(pending) // accum + i // accum + 1
+      if not bool(m["finite"]):
+        if tcfg.nonfinite == "stop":
+          tensors = sorted(k for k, bad in m["nonfinite_grads"].items() if bad)
+          raise NonFiniteError(
+              f"non-finite loss/gradient at step {bad_step} (loss {float(m['loss_sum'])},"
+              f" non-finite gradients in {len(tensors)} tensors, e.g. {', '.join(tensors[:3])});"
+              f" stopped without saving, the last good checkpoint is kept"
+              f" (use --nonfinite=skip to skip such steps)")
+        skipped += 1
+        logging.warning("step %d: non-finite loss/gradient, update skipped (%d so far)",
+                        bad_step, skipped)
+        continue
+      for k in ("loss_sum", "nll_sum", "tokens", "source_tokens"):
+        window[k] += float(m[k])
+      window["steps"] += 1.0 / accum
+    pending = []
+
+  with _Preemption() as preemption:
+    while step < tcfg.num_train_steps:
+      for _ in range(accum):
+        batch = next(train_iter)
+        gb = sharding.global_batch({k: batch[k] for k in ("inputs", "targets")}, s.mesh)
+        state, metrics = s.trainer.train_step(state, gb)
+        pending.append(metrics)
+      step += 1
+      out_of_time = tcfg.max_train_minutes > 0 and (time.time() - t0) / 60 >= tcfg.max_train_minutes
+      last = step == tcfg.num_train_steps or out_of_time or preemption.requested
+      do_log = step % tcfg.log_every_steps == 0 or last
+      do_eval = step % tcfg.eval_every_steps == 0 or (last and not preemption.requested)
+      do_save = step % tcfg.checkpoint_every_steps == 0 or last
+      if do_log or do_eval or do_save:
+        flush(step)
+      if do_log:
+        elapsed = time.time() - window_start
+        lr = float(s.trainer.schedule(max(step - 1, 0)))
+        line = {"loss": window["loss_sum"] / max(window["tokens"], 1),
+                "nll": window["nll_sum"] / max(window["tokens"], 1), "lr": lr,
+                "target_tokens_per_s": window["tokens"] / elapsed,
+                "source_tokens_per_s": window["source_tokens"] / elapsed,
+                "tokens_per_step": (window["tokens"] + window["source_tokens"]) / max(window["steps"], 1),
+                "grad_norm": float(metrics["grad_norm"]), "steps_per_s": window["steps"] / elapsed,
+                "skipped_steps": skipped}
+        eta = (tcfg.num_train_steps - step) / max(line["steps_per_s"], 1e-9)
+        logging.info("step %d | loss %.4f | nll %.4f | lr %.3g | %.0f tgt tok/s | %.2f steps/s"
+                     " | ETA %s", step, line["loss"], line["nll"], lr,
+                     line["target_tokens_per_s"], line["steps_per_s"], _fmt_time(eta))
+        writer.write(step, "train", line)
+        summary.update(line)
+        window = {k: 0.0 for k in window}
+        window_start = time.time()
+      if do_eval:
+        ev = eval_loss(s, state.params, eval_tok)
+        quality = ""
+        if bleu_examples:
+          hyps = translate_tokenized(s, searcher, state.params, bleu_tok)
+          if cfg.data.task == "parsing":
+            rep = parsing.parsing_report(hyps, bleu_examples, _evalb_params(cfg))
+            ev.update(f1=rep["f1"], repaired=rep["repaired"])
+            quality = f" | F1 {rep['f1']:.2f} ({len(bleu_examples)} sents, {rep['repaired']} repaired)"
+          else:
+            ev["bleu"] = evaluate_lib.sacrebleu_score(
+                hyps, [ex["target"] for ex in bleu_examples]).score
+            quality = f" | BLEU {ev['bleu']:.2f} ({len(bleu_examples)} sents)"
+        logging.info("eval step %d | %s nll %.4f | ppl %.2f%s", step, cfg.data.eval_split,
+                     ev["nll"], ev["perplexity"], quality)
+        writer.write(step, "eval", ev)
+        summary.update({f"eval_{k}": v for k, v in ev.items()})
+        window_start = time.time()  # eval time does not count against tokens/s
+      if do_save:
+        ckpt.save(step, state, pipeline.iterator_state(train_iter), _saved_config(s))
+      if preemption.requested:
+        ckpt.wait()
+        logging.warning("SIGTERM: saved checkpoint at step %d; run the same command to resume", step)
+        break
+      if out_of_time:
+        logging.info("stopping at step %d: --max_train_minutes=%g reached", step,
+                     tcfg.max_train_minutes)
+        break
   writer.close()
-  summary["train_seconds"] = time.time() - t0
-  summary["steps"] = step - start_step
+  summary.update({"train_seconds": time.time() - t0, "steps": step - start_step,
+                  "preempted": preemption.requested})
   logging.info("training done: %d steps in %s", step - start_step, _fmt_time(time.time() - t0))
   return summary
 
@@ -329,16 +452,31 @@ def evaluate(cfg: Config, workdir: str, which: str = "latest",
   out_path = output or os.path.join(workdir, f"{split_name}.{which}.hyp")
   report: dict[str, Any] = {"split": cfg.data.test_split, "checkpoint": which, "step": step,
                             "sentences": len(hyps), "decode_seconds": decode_seconds}
-  report.update(evaluate_lib.bleu_report(hyps, refs, cfg.data.target_lang))
+  if cfg.data.task == "parsing":
+    report.update(parsing.parsing_report(hyps, examples, _evalb_params(cfg)))
+  else:
+    report.update(evaluate_lib.bleu_report(hyps, refs, cfg.data.target_lang))
   report.update({f"test_{k}": v for k, v in eval_loss(s, params, tokenized).items()})
   if s.is_chief:
     evaluate_lib.write_lines(out_path, hyps)
+    if cfg.data.task == "parsing":  # trees for EVALB: evalb -p COLLINS.prm gold test
+      stem = os.path.join(workdir, f"{split_name}.{which}")
+      parsing.write_trees(stem + ".trees", [t for t, _ in parsing.predict_trees(hyps, examples)])
+      parsing.write_trees(os.path.join(workdir, f"{split_name}.gold.trees"),
+                          [ex["tree"] for ex in examples])
     with open(os.path.join(workdir, f"{split_name}.{which}.json"), "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
     MetricsWriter(workdir).write(step, f"test_{which}", {k: v for k, v in report.items()
                                                         if isinstance(v, (int, float))})
   print(f"hypotheses: {out_path}")
   print(f"perplexity ({cfg.data.test_split}): {report['test_perplexity']:.3f}")
+  if cfg.data.task == "parsing":
+    print(f"F1 {cfg.data.test_split} ({which} step {step}, beam {cfg.decode.beam_size}, alpha"
+          f" {cfg.decode.alpha}): {report['f1']:.2f} (P {report['precision']:.2f}"
+          f" R {report['recall']:.2f}; exact match {report['exact_match']:.2f};"
+          f" repaired {report['repaired']}/{len(hyps)}; EVALB"
+          f" {os.path.basename(cfg.data.evalb_params or 'COLLINS.prm')})")
+    return report
   print(f"BLEU {cfg.data.source_lang}->{cfg.data.target_lang} {cfg.data.test_split}"
         f" ({which} step {step}, beam {cfg.decode.beam_size}, alpha {cfg.decode.alpha}):"
         f" sacreBLEU {report['sacrebleu']:.2f} [{report['sacrebleu_signature']}]"
@@ -361,6 +499,8 @@ def translate(cfg: Config, workdir: str, which: str = "latest", input_path: Opti
   tokenized = pipeline.tokenize_split(examples, s.tokenizer)
   searcher = BeamSearcher(s.model_cfg, cfg.decode, s.mesh, s.trainer.state_shardings.params)
   hyps = translate_tokenized(s, searcher, params, tokenized, progress=True) if lines else []
+  if cfg.data.task == "parsing":  # bracketed trees (placeholder POS tags)
+    hyps = [t.to_string() for t, _ in parsing.predict_trees(hyps, examples)]
   if s.is_chief:
     if output_path:
       evaluate_lib.write_lines(output_path, hyps)
@@ -369,3 +509,57 @@ def translate(cfg: Config, workdir: str, which: str = "latest", input_path: Opti
         sys.stdout.write(h + "\n")
       sys.stdout.flush()
   return hyps
+
+
+# ----------------------------------------------------------------------------
+# --mode=plot / attention
+# ----------------------------------------------------------------------------
+
+def plot(workdir: str, output: Optional[str] = None) -> str:
+  """Learning curves of <workdir>/metrics.jsonl as a PNG."""
+  from transformer import visualize  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    raise FileNotFoundError(f"no metrics.jsonl in {workdir}: train first")
+  out = visualize.plot_learning_curves(workdir, output or os.path.join(workdir, "plots",
+                                                                       "learning_curves.png"))
+  print(out)
+  return out
+
+
+def attention(cfg: Config, workdir: str, sentence: str, which: str = "latest",
+              output_dir: Optional[str] = None) -> list[str]:
+  """Heatmaps of every layer and head for one source sentence and its beam-search translation."""
+  from transformer import visualize  # pylint: disable=g-import-not-at-top
+  from transformer.model import Transformer  # pylint: disable=g-import-not-at-top
+  if not sentence.strip():
+    raise ConfigError("--sentence is required for --mode=attention")
+  s = setup(cfg, workdir, train_vocab=False)
+  params, step = _restore_params(s, which)
+  src = np.asarray([s.tokenizer.encode(sentence) + [EOS_ID]], np.int32)
+  searcher = BeamSearcher(s.model_cfg, cfg.decode, s.mesh, s.trainer.state_shardings.params)
+  seq, _ = searcher(params, sharding.global_batch({"inputs": src}, s.mesh)["inputs"])
+  hyp = np.asarray(seq)[0].tolist()
+  hyp = hyp[:hyp.index(EOS_ID) + 1] if EOS_ID in hyp else hyp
+  tgt = np.asarray([hyp], np.int32)
+  model = Transformer(s.model_cfg, sow_weights=True)
+  _, inter = jax.jit(lambda p, x, y: model.apply({"params": p}, x, y, mutable=["intermediates"]))(
+      params, src, tgt)
+  inter = jax.device_get(inter["intermediates"])
+  pieces = lambda ids: [s.tokenizer.id_to_piece(int(i)) for i in ids]
+  src_tok, tgt_tok = pieces(src[0]), pieces(tgt[0])
+  dec_in = ["<s>"] + tgt_tok[:-1]  # decoder inputs: BOS + shifted target
+  out_dir = output_dir or os.path.join(workdir, "plots")
+  kinds = [("encoder", "self_attention", src_tok, src_tok, "encoder self-attention"),
+           ("decoder", "self_attention", dec_in, dec_in, "decoder self-attention (masked)"),
+           ("decoder", "cross_attention", dec_in, src_tok, "encoder-decoder attention")]
+  paths = []
+  for stack, name, q, k, title in kinds:
+    n = s.model_cfg.num_encoder_layers if stack == "encoder" else s.model_cfg.num_decoder_layers
+    weights = [np.asarray(inter[stack][f"layer_{i}"][name]["attention_weights"][0])[0]
+               for i in range(n)]
+    path = os.path.join(out_dir, f"attention_{stack}_{name}.png")
+    paths.append(visualize.plot_attention(weights, q, k, f"{title} (step {step})", path))
+  print(f"source: {sentence}\ntranslation: {s.tokenizer.decode(hyp)}")
+  for p in paths:
+    print(p)
+  return paths

@@ -86,19 +86,40 @@ def loss_and_metrics(logits, targets, label_smoothing):
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               optimizer: optax.GradientTransformation, label_smoothing: float):
-  """One optimizer update on a batch {'inputs': [B, L], 'targets': [B, L]}."""
+               optimizer: optax.GradientTransformation, label_smoothing: float,
+               skip_nonfinite: bool = False, debug_nan_step: int = 0):
+  """One optimizer update on a batch {'inputs': [B, L], 'targets': [B, L]}.
+
+  With skip_nonfinite, a step whose loss or gradients are not finite leaves the
+  parameters and optimizer state unchanged (metrics['finite'] tells). debug_nan_step
+  (1-based, 0 = never) poisons that step's loss, to exercise the non-finite paths.
+  """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
     logits = model.apply({"params": params}, batch["inputs"], batch["targets"],
                          deterministic=False, rngs={"dropout": dropout_rng})
-    return loss_and_metrics(logits, batch["targets"], label_smoothing)
+    loss, metrics = loss_and_metrics(logits, batch["targets"], label_smoothing)
+    if debug_nan_step:
+      loss = loss * jnp.where(state.step + 1 == debug_nan_step, jnp.nan, 1.0)
+      metrics["loss_sum"] = metrics["loss_sum"] * jnp.where(state.step + 1 == debug_nan_step,
+                                                            jnp.nan, 1.0)
+    return loss, metrics
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(metrics["loss_sum"]) & jnp.isfinite(grad_norm)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics["grad_norm"] = optax.tree.norm(grads)
+  if skip_nonfinite:
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+  metrics["grad_norm"] = grad_norm
+  metrics["finite"] = finite
+  # Which gradient tensors went non-finite (for the diagnostic when a run stops).
+  metrics["nonfinite_grads"] = {
+      "/".join(str(getattr(k, "key", k)) for k in path): ~jnp.all(jnp.isfinite(g))
+      for path, g in jax.tree_util.tree_leaves_with_path(grads)}
   metrics["source_tokens"] = jnp.sum((batch["inputs"] != PAD_ID).astype(jnp.float32))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
@@ -131,7 +152,9 @@ class Trainer:
                          out_shardings=self.state_shardings)
     self._train_step = jax.jit(
         functools.partial(train_step, model=self.model, optimizer=self.optimizer,
-                          label_smoothing=self.train_cfg.label_smoothing),
+                          label_smoothing=self.train_cfg.label_smoothing,
+                          skip_nonfinite=self.train_cfg.nonfinite == "skip",
+                          debug_nan_step=self.train_cfg.debug_nan_step),
         in_shardings=(self.state_shardings, batch_sh),
         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
         donate_argnums=(0,))

@@ -8,6 +8,7 @@ the special ids of `transformer.config` (PAD=0, EOS=1, BOS=2, UNK=3).
 from __future__ import annotations
 
 import io
+import hashlib
 import os
 import tempfile
 from typing import Callable, Iterable, Optional, Sequence
@@ -56,7 +57,8 @@ def _write_atomic(path: str, data: bytes) -> None:
 def train_sentencepiece(sentences: Iterable[str], model_path: str,
                         vocab_size: int, model_type: str = "bpe",
                         character_coverage: float = 1.0,
-                        max_sentences: int = 1_000_000, seed: int = 0) -> None:
+                        max_sentences: int = 1_000_000, seed: int = 0,
+                        split_by_unicode_script: bool = True) -> None:
   """Trains one shared model and writes `model_path` (+ `.vocab`) atomically.
 
   Args:
@@ -68,6 +70,7 @@ def train_sentencepiece(sentences: Iterable[str], model_path: str,
     character_coverage: fraction of characters covered by the alphabet.
     max_sentences: reservoir sample size used for training.
     seed: sampling and SentencePiece random seed.
+    split_by_unicode_script: False keeps tokens like '(NP' whole (parsing targets).
   """
   if vocab_size <= 4:
     raise ValueError(f"vocab_size must be > 4, got {vocab_size}")
@@ -87,6 +90,7 @@ def train_sentencepiece(sentences: Iterable[str], model_path: str,
       character_coverage=character_coverage,
       pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
       hard_vocab_limit=False,
+      split_by_unicode_script=split_by_unicode_script,
       input_sentence_size=0,        # already sampled above
       shuffle_input_sentence=False,  # deterministic
       num_threads=min(os.cpu_count() or 1, 16),
@@ -130,6 +134,10 @@ class Tokenizer:
   def __setstate__(self, state):
     self.__init__(state["model_proto"], state["path"])
 
+  def fingerprint(self) -> str:
+    """sha256 of the serialized model: two tokenizers agree iff their fingerprints do."""
+    return hashlib.sha256(self._proto).hexdigest()
+
   @property
   def vocab_size(self) -> int:
     """Number of pieces, special ids included."""
@@ -170,7 +178,8 @@ class Tokenizer:
 def load_or_train(path: str, sentences_fn: Callable[[], Iterable[str]],
                   vocab_size: int, model_type: str = "bpe",
                   character_coverage: float = 1.0,
-                  max_sentences: int = 1_000_000, seed: int = 0) -> Tokenizer:
+                  max_sentences: int = 1_000_000, seed: int = 0,
+                  split_by_unicode_script: bool = True) -> Tokenizer:
   """Loads `path` if it exists, else trains it from `sentences_fn()`."""
   if os.path.exists(path):
     logging.info("SentencePiece: loading %s", path)
@@ -179,5 +188,6 @@ def load_or_train(path: str, sentences_fn: Callable[[], Iterable[str]],
                path, vocab_size)
   train_sentencepiece(sentences_fn(), path, vocab_size, model_type=model_type,
                       character_coverage=character_coverage,
-                      max_sentences=max_sentences, seed=seed)
+                      max_sentences=max_sentences, seed=seed,
+                      split_by_unicode_script=split_by_unicode_script)
   return Tokenizer.load(path)

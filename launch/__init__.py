@@ -1,0 +1,1 @@
+"""How runs start: one machine, a Cloud TPU VM pod, a SLURM cluster; sweeps and their reports."""

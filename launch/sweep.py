@@ -1,0 +1,495 @@
+r"""Sweeps: a base flag file x flag overrides -> named runs, each in its own workdir.
+
+  python -m launch.sweep SPEC.json --root=DIR [--parallel=N] [--dry_run] [--slurm]
+                         [--only=NAME|INDEX] [extra --flags for every run...]
+
+A spec is JSON (see experiments/sweeps/):
+
+  {
+    "description": "free text",
+    "base_flagfile": "experiments/cpu/multi30k_en_de.flags",   # relative to the repo root
+    "flags": {"num_train_steps": 10, "tfds_data_dir": "{root}/_tfds"},  # every run; not in names
+    "grid": {"dropout_rate": [0.0, 0.1, 0.3], "d_model": [32, 64]},    # cartesian product
+    "zip": {"warmup_steps": [100, 200], "learning_rate_scale": [1, 2]}, # lists walked together
+    "name_template": "drop{dropout_rate}_d{d_model}",            # optional, str.format
+    "steps": ["train", "average", "evaluate"],                   # default ["train"]
+    "evaluate_checkpoint": "averaged",                           # default: averaged if averaged
+    "slurm": {"time": "24:00:00", "gpus-per-task": 1}            # extra #SBATCH options
+  }
+
+Runs are every zip tuple crossed with every grid point (either may be absent; with neither,
+one run named 'base'). Flag values are JSON numbers, strings or booleans (true -> --flag,
+false -> --noflag); '{root}' in a "flags" string becomes the absolute --root. The default name
+joins 'flag=value' with '__'. Arguments after the known options (e.g. --raw_data_dir=...) are
+appended to every run's flags and are not part of the names.
+
+Every run's flags are validated with `transformer.config.from_args` before anything starts:
+a bad spec ends with one 'error:' line and exit status 2, having launched nothing.
+Each run gets ROOT/<name>/ with flags.txt (a flag file: `python -m transformer.main
+--flagfile=ROOT/<name>/flags.txt --mode=...` from the repo root repeats it), run.json (its
+overrides), one <step>.log per step and status.json (the steps that finished, with times).
+Steps that finished are skipped, so the same command resumes a sweep; `train` itself resumes
+from the run's latest checkpoint. ROOT/sweep.json lists the runs in order (for launch.report).
+
+--slurm writes ROOT/sweep.sbatch, a job array with one task per run (each task calls this
+module with --only=<its run>), and prints the sbatch command instead of running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Iterator, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ("train", "average", "evaluate")
+SPEC_KEYS = ("description", "base_flagfile", "flags", "grid", "zip", "name_template", "steps",
+             "evaluate_checkpoint", "slurm")
+# Flags that belong to the launcher, not to a spec: each run's --workdir and --mode are its own.
+_RESERVED = ("workdir", "mode", "flagfile", "checkpoint", "input", "output")
+
+
+class SpecError(ValueError):
+  """A problem with the sweep spec or its runs (reported as one line)."""
+
+
+@contextlib.contextmanager
+def _cwd(path: str) -> Iterator[None]:
+  old = os.getcwd()
+  os.chdir(path)
+  try:
+    yield
+  finally:
+    os.chdir(old)
+
+
+# ----------------------------------------------------------------------------
+# Spec -> runs
+# ----------------------------------------------------------------------------
+
+def flag_arg(name: str, value: Any) -> str:
+  """('dropout_rate', 0.1) -> '--dropout_rate=0.1'; booleans -> --name / --noname."""
+  if isinstance(value, bool):
+    return f"--{name}" if value else f"--no{name}"
+  if isinstance(value, (int, float, str)):
+    return f"--{name}={value_str(value)}"
+  raise SpecError(f"flag {name!r}: value {value!r} must be a number, string or boolean")
+
+
+def value_str(value: Any) -> str:
+  if isinstance(value, bool):
+    return str(value).lower()
+  if isinstance(value, float):
+    return repr(value)
+  return str(value)
+
+
+def _safe_name(name: str) -> str:
+  name = re.sub(r"[^A-Za-z0-9._=+-]", "_", name).strip("._")
+  if not name:
+    raise SpecError("a run name is empty after removing unsafe characters")
+  return name
+
+
+def default_name(overrides: dict[str, Any]) -> str:
+  if not overrides:
+    return "base"
+  return "__".join(f"{k}={value_str(v)}" for k, v in overrides.items())
+
+
+def load_spec(path: str) -> dict[str, Any]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      spec = json.load(f)
+  except FileNotFoundError:
+    raise SpecError(f"no sweep spec at {path}") from None
+  except json.JSONDecodeError as e:
+    raise SpecError(f"{path} is not valid JSON: {e}") from None
+  if not isinstance(spec, dict):
+    raise SpecError(f"{path}: the spec must be a JSON object")
+  return spec
+
+
+def _check_overrides(spec: dict, key: str) -> dict[str, list]:
+  table = spec.get(key) or {}
+  if not isinstance(table, dict):
+    raise SpecError(f'"{key}" must be an object of flag -> list of values')
+  for flag, values in table.items():
+    if flag.startswith("-") or flag in _RESERVED:
+      raise SpecError(f'"{key}": {flag!r} is not allowed (write flag names without dashes;'
+                      f" {', '.join(_RESERVED)} are set by the launcher)")
+    if not isinstance(values, list) or not values:
+      raise SpecError(f'"{key}": {flag!r} needs a non-empty list of values')
+    for v in values:
+      flag_arg(flag, v)  # type check
+  return table
+
+
+def expand(spec: dict[str, Any], root: str = "ROOT") -> list[dict[str, Any]]:
+  """The runs of a spec, in order: [{'name', 'overrides', 'flags'}] (flags without workdir/mode).
+
+  Checks the spec's shape; does not validate the flags (see `validate`).
+  """
+  unknown = sorted(set(spec) - set(SPEC_KEYS))
+  if unknown:
+    raise SpecError(f"unknown spec key {unknown[0]!r}; known keys: {', '.join(SPEC_KEYS)}")
+  base = spec.get("base_flagfile")
+  if not isinstance(base, str) or not base:
+    raise SpecError('"base_flagfile" (a flag file path relative to the repo root) is required')
+  common = spec.get("flags") or {}
+  if not isinstance(common, dict):
+    raise SpecError('"flags" must be an object of flag -> value')
+  for flag in common:
+    if flag.startswith("-") or flag in _RESERVED:
+      raise SpecError(f'"flags": {flag!r} is not allowed (write flag names without dashes;'
+                      f" {', '.join(_RESERVED)} are set by the launcher)")
+  common_args = [flag_arg(k, v.replace("{root}", root) if isinstance(v, str) else v)
+                 for k, v in common.items()]
+  grid = _check_overrides(spec, "grid")
+  zipped = _check_overrides(spec, "zip")
+  both = sorted(set(grid) & set(zipped))
+  if both:
+    raise SpecError(f"flag {both[0]!r} is in both \"grid\" and \"zip\"")
+  lengths = {len(v) for v in zipped.values()}
+  if len(lengths) > 1:
+    raise SpecError('"zip": every list must have the same length, got '
+                    + ", ".join(f"{k}: {len(v)}" for k, v in zipped.items()))
+  zip_rows = [dict(zip(zipped, row)) for row in zip(*zipped.values())] if zipped else [{}]
+  grid_rows = [dict(zip(grid, row)) for row in itertools.product(*grid.values())]
+  template = spec.get("name_template")
+  if template is not None and not isinstance(template, str):
+    raise SpecError('"name_template" must be a string such as "drop{dropout_rate}"')
+  steps = _steps(spec)
+  _evaluate_checkpoint(spec, steps)
+
+  runs, seen = [], {}
+  for zrow in zip_rows:
+    for grow in grid_rows:
+      overrides = {**zrow, **grow}
+      if template is None:
+        name = default_name(overrides)
+      else:
+        try:
+          name = template.format(**overrides)
+        except KeyError as e:
+          raise SpecError(f'"name_template" uses {{{e.args[0]}}}, which is not a grid or zip'
+                          f" flag ({', '.join(overrides) or 'none'})") from None
+        except (ValueError, IndexError) as e:
+          raise SpecError(f'"name_template" {template!r}: {e}') from None
+      name = _safe_name(name)
+      if name in seen:
+        raise SpecError(f"two runs are both named {name!r} ({seen[name]} and {overrides});"
+                        " make \"name_template\" use every grid/zip flag")
+      seen[name] = overrides
+      flags = [f"--flagfile={base}", *common_args,
+               *(flag_arg(k, v) for k, v in overrides.items())]
+      runs.append({"name": name, "overrides": overrides, "flags": flags})
+  return runs
+
+
+def _steps(spec: dict) -> list[str]:
+  steps = spec.get("steps", ["train"])
+  if (not isinstance(steps, list) or not steps
+      or any(s not in STEPS for s in steps) or len(set(steps)) != len(steps)):
+    raise SpecError(f'"steps" must be a list of distinct steps among {", ".join(STEPS)};'
+                    f" got {steps!r}")
+  if [s for s in STEPS if s in steps] != steps:
+    raise SpecError(f'"steps" must keep the order {" -> ".join(STEPS)}; got {steps!r}')
+  return steps
+
+
+def _evaluate_checkpoint(spec: dict, steps: list[str]) -> str:
+  which = spec.get("evaluate_checkpoint", "averaged" if "average" in steps else "latest")
+  which = str(which)
+  if which not in ("latest", "averaged") and not which.isdigit():
+    raise SpecError(f'"evaluate_checkpoint" must be latest, averaged or a step; got {which!r}')
+  if which == "averaged" and "evaluate" in steps and "average" not in steps:
+    raise SpecError('"evaluate_checkpoint": "averaged" needs "average" in "steps"')
+  return which
+
+
+def validate(runs: list[dict], extra: list[str]) -> None:
+  """Every run's flags through transformer.config.from_args (from the repo root)."""
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  from transformer import config as config_lib  # pylint: disable=g-import-not-at-top
+  with _cwd(REPO):
+    base = runs[0]["flags"][0].split("=", 1)[1] if runs else ""
+    if base and not os.path.isfile(base):
+      raise SpecError(f'"base_flagfile" {base} does not exist (paths are relative to the'
+                      f" repository root {REPO})")
+    for run in runs:
+      try:
+        config_lib.from_args(run["flags"] + extra)
+      except (absl_flags.Error, config_lib.ConfigError, ValueError, OSError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SpecError(f"run {run['name']!r}: {message}") from None
+
+
+# ----------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------
+
+def step_command(python: str, run: dict, extra: list[str], workdir: str, step: str,
+                 checkpoint: str) -> list[str]:
+  cmd = [python, "-m", "transformer.main", *run["flags"], *extra, f"--workdir={workdir}",
+         f"--mode={step}"]
+  if step == "evaluate":
+    cmd.append(f"--checkpoint={checkpoint}")
+  return cmd
+
+
+def _read_json(path: str) -> Optional[dict]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def _flags_text(run: dict, extra: list[str], workdir: str) -> str:
+  return "\n".join([f"# sweep run {run['name']}: run from the repository root", *run["flags"],
+                    *extra, f"--workdir={workdir}"]) + "\n"
+
+
+def prepare_root(spec_path: str, spec: dict, runs: list[dict], extra: list[str], root: str,
+                 python: str) -> None:
+  """Writes ROOT/sweep.json and each run's flags.txt and run.json.
+
+  A run directory whose finished steps were made with other flags is an error (checked for
+  every run before anything is written).
+  """
+  for run in runs:
+    workdir = os.path.join(root, run["name"])
+    old = _read_json(os.path.join(workdir, "run.json"))
+    status = _read_json(os.path.join(workdir, "status.json")) or {}
+    if old is not None and status.get("steps") and old.get("flags") != run["flags"] + extra:
+      raise SpecError(f"run {run['name']!r} in {root} already has finished steps made with other"
+                      " flags; use another --root or remove that run directory")
+  os.makedirs(root, exist_ok=True)
+  _write_json(os.path.join(root, "sweep.json"), {
+      "spec": os.path.abspath(spec_path), "description": spec.get("description", ""),
+      "steps": _steps(spec), "extra_flags": extra, "python": python,
+      "runs": [{"name": r["name"], "overrides": r["overrides"]} for r in runs]})
+  for run in runs:
+    workdir = os.path.join(root, run["name"])
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "flags.txt"), "w", encoding="utf-8") as f:
+      f.write(_flags_text(run, extra, workdir))
+    _write_json(os.path.join(workdir, "run.json"),
+                {"name": run["name"], "overrides": run["overrides"], "flags": run["flags"] + extra})
+
+
+def _child_env() -> dict[str, str]:
+  env = dict(os.environ)
+  # Sweep runs are single-process jobs. Inside a SLURM allocation (e.g. a job-array task) the
+  # current transformer.sharding.maybe_initialize_distributed calls jax.distributed.initialize()
+  # whenever SLURM_JOB_ID is set, which fails outside `srun` (no SLURM_STEP_* variables) and,
+  # under srun, binds the process to GPU SLURM_LOCALID only. Hiding the job id keeps both off.
+  env.pop("SLURM_JOB_ID", None)
+  env.setdefault("PYTHONUNBUFFERED", "1")
+  return env
+
+
+class Runner:
+  """Executes the steps of runs, skipping the steps a run's status.json says are finished."""
+
+  def __init__(self, spec: dict, extra: list[str], root: str, python: str):
+    self.steps = _steps(spec)
+    self.checkpoint = _evaluate_checkpoint(spec, self.steps)
+    self.extra, self.root, self.python = extra, root, python
+    self._lock = threading.Lock()
+
+  def say(self, message: str) -> None:
+    with self._lock:
+      print(f"[sweep] {message}", flush=True)
+
+  def run(self, run: dict) -> bool:
+    name, workdir = run["name"], os.path.join(self.root, run["name"])
+    status_path = os.path.join(workdir, "status.json")
+    status = _read_json(status_path) or {"steps": {}}
+    todo = [s for s in self.steps if s not in status["steps"]]
+    if not todo:
+      self.say(f"{name}: finished before, skipped")
+      return True
+    for step in todo:
+      cmd = step_command(self.python, run, self.extra, workdir, step, self.checkpoint)
+      log = os.path.join(workdir, f"{step}.log")
+      self.say(f"{name}: {step} ... (log {log})")
+      t0 = time.time()
+      with open(log, "w", encoding="utf-8") as f:
+        f.write("$ " + shlex.join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.call(cmd, cwd=REPO, env=_child_env(), stdout=f, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL)
+      seconds = time.time() - t0
+      if rc != 0:
+        self.say(f"{name}: {step} FAILED (exit {rc}, {seconds:.1f} s): {_last_error(log)}")
+        return False
+      status["steps"][step] = {"seconds": round(seconds, 2), "finished": time.time()}
+      _write_json(status_path, status)
+      self.say(f"{name}: {step} done in {seconds:.1f} s")
+    return True
+
+
+def _last_error(log: str) -> str:
+  with open(log, encoding="utf-8", errors="replace") as f:
+    lines = [l.strip() for l in f if l.strip()]
+  for line in reversed(lines):
+    if line.startswith("error:") or "Error" in line:
+      return line[:300]
+  return (lines[-1][:300] if lines else "no output") + f" (see {log})"
+
+
+# ----------------------------------------------------------------------------
+# SLURM job array
+# ----------------------------------------------------------------------------
+
+_SLURM_DEFAULTS = {"ntasks": 1, "gpus-per-task": 1, "cpus-per-task": 8, "time": "24:00:00"}
+
+
+def slurm_script(spec_path: str, spec: dict, runs: list[dict], extra: list[str], root: str,
+                 parallel: Optional[int] = None) -> str:
+  """A job array: task i runs the steps of run i through this module (--only=<name>)."""
+  options = dict(_SLURM_DEFAULTS)
+  options.update(spec.get("slurm") or {})
+  job = _safe_name(os.path.splitext(os.path.basename(spec_path))[0])
+  array = f"0-{len(runs) - 1}" + (f"%{parallel}" if parallel else "")
+  lines = ["#!/bin/bash", f"#SBATCH --job-name={job}", f"#SBATCH --array={array}",
+           f"#SBATCH --output={root}/slurm-%A_%a.out"]
+  lines += [f"#SBATCH --{k}={v}" for k, v in options.items()]
+  lines += [f"# Sweep {os.path.abspath(spec_path)}: {len(runs)} runs, one array task each:"]
+  lines += [f"#   {i}: {r['name']}" for i, r in enumerate(runs)]
+  lines += [
+      "# Submit: sbatch " + shlex.quote(os.path.join(root, "sweep.sbatch")),
+      "# Report: python -m launch.report " + shlex.quote(root),
+      "set -euo pipefail",
+      f"cd {shlex.quote(REPO)}",
+      'PYTHON="${PYTHON:-' + os.path.join(REPO, ".venv", "bin", "python") + '}"',
+      "RUNS=(" + " ".join(shlex.quote(r["name"]) for r in runs) + ")",
+      'RUN="${RUNS[$SLURM_ARRAY_TASK_ID]}"',
+      'echo "array task $SLURM_ARRAY_TASK_ID on $(hostname): run $RUN"',
+      "# Steps that finished are skipped, so resubmitting the array resumes the sweep.",
+      "exec \"$PYTHON\" -m launch.sweep " + shlex.quote(os.path.abspath(spec_path))
+      + " --root=" + shlex.quote(root) + ' --only="$RUN"'
+      + "".join(" " + shlex.quote(a) for a in extra),
+  ]
+  return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+def _select(runs: list[dict], only: Optional[str]) -> list[dict]:
+  if only is None:
+    return runs
+  for i, run in enumerate(runs):
+    if run["name"] == only or only == str(i):
+      return [run]
+  raise SpecError(f"--only={only}: no such run; runs are {', '.join(r['name'] for r in runs)}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m launch.sweep", allow_abbrev=False,
+      description="Expand a sweep spec into runs, validate them, and run them (or emit SLURM).",
+      epilog="Unknown --flags are appended to every run's flags (e.g. --raw_data_dir=...).")
+  parser.add_argument("spec", help="sweep spec (JSON)")
+  parser.add_argument("--root", required=True, help="directory of the runs' workdirs")
+  parser.add_argument("--parallel", type=int, default=1,
+                      help="runs at a time (local); with --slurm, the array's task limit")
+  parser.add_argument("--dry_run", "--dry-run", action="store_true",
+                      help="print the runs and their commands; write and run nothing")
+  parser.add_argument("--slurm", action="store_true",
+                      help="write ROOT/sweep.sbatch (a job array) instead of running")
+  parser.add_argument("--only", default=None, help="run only this run (name or index)")
+  parser.add_argument("--python", default=sys.executable, help="interpreter for the runs")
+  args, extra = parser.parse_known_args(argv)
+  extra = [a for a in extra if a != "--"]
+  try:
+    bad = [a for a in extra if not a.startswith("--")]
+    if bad:
+      raise SpecError(f"unexpected argument {bad[0]!r}; extra run flags look like --name=value")
+    if args.parallel < 1:
+      raise SpecError(f"--parallel must be >= 1, got {args.parallel}")
+    for a in extra:
+      if a.lstrip("-").split("=")[0] in _RESERVED and not a.startswith("--flagfile"):
+        raise SpecError(f"{a}: --workdir/--mode/--checkpoint are set by the sweep")
+    root = os.path.abspath(args.root)
+    spec = load_spec(args.spec)
+    runs = expand(spec, root)
+    validate(runs, extra)
+    selected = _select(runs, args.only)
+  except SpecError as e:
+    print(f"error: sweep {args.spec}: {e}", file=sys.stderr)
+    return 2
+
+  runner = Runner(spec, extra, root, args.python)
+  if args.slurm:
+    script = slurm_script(args.spec, spec, runs, extra, root,
+                          args.parallel if args.parallel > 1 else None)
+    if args.dry_run:
+      sys.stdout.write(script)
+      return 0
+    try:
+      prepare_root(args.spec, spec, runs, extra, root, args.python)
+    except SpecError as e:
+      print(f"error: sweep {args.spec}: {e}", file=sys.stderr)
+      return 2
+    path = os.path.join(root, "sweep.sbatch")
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(script)
+    os.chmod(path, 0o755)
+    print(f"wrote {path}: a job array of {len(runs)} tasks")
+    print(f"submit with: sbatch {shlex.quote(path)}")
+    return 0
+
+  if args.dry_run:
+    print(f"{len(runs)} runs validated; steps: {', '.join(runner.steps)}; root {root}")
+    for run in selected:
+      workdir = os.path.join(root, run["name"])
+      print(f"\n# {run['name']}  {json.dumps(run['overrides'])}")
+      for step in runner.steps:
+        print(shlex.join(step_command(args.python, run, extra, workdir, step,
+                                      runner.checkpoint)))
+    return 0
+
+  try:
+    prepare_root(args.spec, spec, runs, extra, root, args.python)
+  except SpecError as e:
+    print(f"error: sweep {args.spec}: {e}", file=sys.stderr)
+    return 2
+  t0 = time.time()
+  runner.say(f"{len(selected)} of {len(runs)} runs, {args.parallel} at a time, under {root}")
+  if args.parallel == 1:
+    ok = [runner.run(r) for r in selected]
+  else:
+    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+      ok = list(pool.map(runner.run, selected))
+  failed = [r["name"] for r, good in zip(selected, ok) if not good]
+  runner.say(f"{len(selected) - len(failed)}/{len(selected)} runs finished in"
+             f" {time.time() - t0:.1f} s" + (f"; failed: {', '.join(failed)}" if failed else ""))
+  runner.say(f"report: python -m launch.report {shlex.quote(root)}")
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

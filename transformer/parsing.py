@@ -1,0 +1,437 @@
+"""English constituency parsing as sequence transduction (paper section 6.3, Table 4).
+
+Linearisation (Vinyals et al. 2015, "Grammar as a Foreign Language"): a tree
+becomes its bracket sequence with labelled opening AND closing brackets, each
+POS-tagged word replaced by the placeholder `XX`, tokens separated by spaces:
+
+    (S (NP (NNP John)) (VP (VBZ has) (NP (DT a) (NN dog))) (. .))
+    -> (S (NP XX )NP (VP XX (NP XX XX )NP )VP XX )S
+
+so a SentencePiece model trained on sentences + linearised trees learns the
+bracket tokens as pieces. `delinearize` turns any output sequence back into a
+tree over the sentence's words (repairing it if needed) and `evalb` scores
+trees like the EVALB program (Sekine & Collins 1997) with COLLINS.prm.
+
+POS tags. The model predicts no tags; the de-linearised tree gets the gold POS
+tags (`XX` when none are known). EVALB's bracket scores ignore preterminals but
+use their tags to delete punctuation, so with gold tags the punctuation
+deletion is the same in gold and test, as in Vinyals et al. (2015), who also
+note that their F1 does not depend on POS tags (tagging accuracy is then 100%
+by construction and is not a result).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+from absl import logging
+
+from transformer.data.treebank import Tree, TreeError, parse_tree
+
+PLACEHOLDER = "XX"  # stands for a POS-tagged word in linearised trees
+REPAIR_ROOT_LABEL = "TOP"  # wraps several top-level pieces; deleted by COLLINS.prm
+
+TreeLike = Union[Tree, str]
+
+
+# ----------------------------------------------------------------------------
+# Linearisation.
+
+
+def linearize(tree: Tree, placeholder: str = PLACEHOLDER) -> str:
+  """`(S (NP XX XX )NP (VP XX )VP XX )S`: labelled open/close brackets, words -> XX."""
+  out = []
+  for kind, node in tree.events():
+    if kind == "open":
+      out.append("(" + node.label)
+    elif kind == "close":
+      out.append(")" + node.label)
+    else:
+      out.append(placeholder)
+  return " ".join(out)
+
+
+class _Node:
+  """A phrase under construction while de-linearising."""
+  __slots__ = ("label", "children")
+
+  def __init__(self, label: str):
+    self.label = label
+    self.children: list[Any] = []  # _Node (open or finished) or Tree
+
+
+def delinearize(sequence: str, words: Sequence[str],
+                tags: Optional[Sequence[str]] = None,
+                placeholder: str = PLACEHOLDER) -> tuple[Tree, int]:
+  """The tree of a (possibly ill-formed) linearised sequence over `words`; never fails.
+
+  Tokens are read left to right: `(L` opens a phrase L, `)L` or `)` closes the
+  innermost open phrase, the placeholder takes the next word (with its tag
+  from `tags`, else the placeholder as tag). Each repair counts 1:
+
+  * a token that is none of these (e.g. a stray word piece): dropped;
+  * a closing bracket with nothing open: dropped;
+  * `)L` whose label differs from the innermost open phrase: closes it anyway;
+  * a placeholder after all words are used: dropped;
+  * a phrase still open at the end: closed;
+  * a phrase with no words when it closes (e.g. `(NP )NP`): dropped;
+  * a word with no placeholder: appended, in order, as the last child of the
+    root (the single top-level phrase, if there is one);
+  * a top level that is not exactly one phrase (several pieces, or nothing but
+    words): wrapped in one `TOP` root (deleted by EVALB's COLLINS.prm).
+
+  A well-formed sequence with exactly len(words) placeholders gives 0 repairs
+  and the same tree as its source (with the given tags).
+
+  Returns:
+    (tree, number of repairs).
+  """
+  if tags is not None and len(tags) != len(words):
+    raise ValueError(f"{len(words)} words but {len(tags)} tags")
+  repairs = 0
+  top = _Node("")  # virtual container of the top-level pieces
+  stack = [top]
+  next_word = 0
+
+  def close_innermost() -> None:
+    nonlocal repairs
+    node = stack.pop()
+    parent = stack[-1]
+    if node.children:
+      parent.children.append(Tree(node.label, tuple(node.children)))
+    else:
+      repairs += 1  # empty phrase: dropped
+
+  for tok in sequence.split():
+    if tok == placeholder:
+      if next_word < len(words):
+        tag = tags[next_word] if tags is not None else placeholder
+        stack[-1].children.append(Tree(tag, word=words[next_word]))
+        next_word += 1
+      else:
+        repairs += 1  # too many placeholders
+    elif tok.startswith("(") and len(tok) > 1:
+      node = _Node(tok[1:])
+      stack.append(node)
+    elif tok.startswith(")"):
+      if len(stack) == 1:
+        repairs += 1  # stray close
+        continue
+      label = tok[1:]
+      if label and label != stack[-1].label:
+        repairs += 1  # mismatched close: closes the innermost anyway
+      close_innermost()
+    else:
+      repairs += 1  # unknown token
+  while len(stack) > 1:
+    repairs += 1  # unclosed phrase
+    close_innermost()
+  pieces = top.children
+  missing = [Tree(tags[i] if tags is not None else placeholder, word=words[i])
+             for i in range(next_word, len(words))]
+  repairs += len(missing)
+  if len(pieces) == 1 and not pieces[0].is_preterminal:
+    root = pieces[0]
+    if missing:
+      root = Tree(root.label, root.children + tuple(missing))
+    return root, repairs
+  pieces = pieces + missing
+  if not pieces:  # no words at all (empty sentence)
+    return Tree(REPAIR_ROOT_LABEL), repairs + 1
+  return Tree(REPAIR_ROOT_LABEL, tuple(pieces)), repairs + 1
+
+
+# ----------------------------------------------------------------------------
+# EVALB.
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalbParams:
+  """An EVALB parameter file (fields named after its keywords)."""
+  debug: int = 0
+  max_error: int = 10
+  cutoff_len: int = 40
+  labeled: bool = True
+  delete_labels: tuple[str, ...] = ()
+  delete_labels_for_length: tuple[str, ...] = ()
+  quote_labels: tuple[str, ...] = ()  # read but not used (see `evalb`)
+  eq_labels: tuple[tuple[str, str], ...] = ()
+  eq_words: tuple[tuple[str, str], ...] = ()
+
+
+# The contents of EVALB's COLLINS.prm (the standard WSJ setting);
+# tests check that load_evalb_params('COLLINS.prm') equals it.
+COLLINS_PARAMS = EvalbParams(
+    debug=0, max_error=10, cutoff_len=40, labeled=True,
+    delete_labels=("TOP", "-NONE-", ",", ":", "``", "''", "."),
+    delete_labels_for_length=("-NONE-",),
+    eq_labels=(("ADVP", "PRT"),))
+
+
+def load_evalb_params(path: Union[str, os.PathLike]) -> EvalbParams:
+  """Reads an EVALB .prm file the way evalb.c does.
+
+  Trailing whitespace is trimmed; lines starting with '#' or shorter than 3
+  characters are skipped; the first word is the keyword, the rest its value.
+  Unknown keywords are logged and ignored (evalb warns and goes on).
+  """
+  fields: dict[str, Any] = {"delete_labels": [], "delete_labels_for_length": [],
+                            "quote_labels": [], "eq_labels": [], "eq_words": []}
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      line = line.rstrip()
+      if line.startswith("#") or len(line) < 3:
+        continue
+      parts = line.split(None, 1)
+      key, value = parts[0], (parts[1] if len(parts) > 1 else "")
+      if not value:
+        logging.warning("%s:%d: empty value for %s", path, lineno, key)
+        continue
+      if key in ("DEBUG", "MAX_ERROR", "CUTOFF_LEN", "LABELED"):
+        try:
+          number = int(value.split()[0])
+        except ValueError as e:
+          raise ValueError(f"{path}:{lineno}: {key} needs an integer, got {value!r}") from e
+        name = {"DEBUG": "debug", "MAX_ERROR": "max_error", "CUTOFF_LEN": "cutoff_len",
+                "LABELED": "labeled"}[key]
+        fields[name] = bool(number) if key == "LABELED" else number
+      elif key == "DELETE_LABEL":
+        fields["delete_labels"].append(value)
+      elif key == "DELETE_LABEL_FOR_LENGTH":
+        fields["delete_labels_for_length"].append(value)
+      elif key == "QUOTE_LABEL":
+        fields["quote_labels"].append(value)
+      elif key in ("EQ_LABEL", "EQ_WORD"):
+        pair = value.split()
+        if len(pair) != 2:
+          logging.warning("%s:%d: %s requires two values", path, lineno, key)
+          continue
+        fields["eq_labels" if key == "EQ_LABEL" else "eq_words"].append(tuple(pair))
+      else:
+        logging.warning("%s:%d: unknown keyword %s in EVALB parameter file", path, lineno, key)
+  for name in ("delete_labels", "delete_labels_for_length", "quote_labels", "eq_labels",
+               "eq_words"):
+    fields[name] = tuple(fields[name])
+  return EvalbParams(**fields)
+
+
+def _same(a: str, b: str, pairs: tuple[tuple[str, str], ...]) -> bool:
+  """evalb's label_comp / word_comp: equal, or an equivalent pair (either order)."""
+  return a == b or any((a == x and b == y) or (a == y and b == x) for x, y in pairs)
+
+
+def _evalb_label(label: str) -> str:
+  """evalb's modify_label: cut at the first '-' or '=' (so '-NONE-' -> '')."""
+  for i, ch in enumerate(label):
+    if ch in "-=":
+      return label[:i]
+  return label
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sentence:
+  words: tuple[tuple[str, str], ...]  # (word, tag) kept after deletion
+  brackets: tuple[tuple[str, int, int], ...]  # (label, start, end), deleted ones removed
+  length: int  # words not in DELETE_LABEL_FOR_LENGTH (punctuation counts)
+
+
+def _evalb_view(tree: Tree, params: EvalbParams) -> _Sentence:
+  """Terminals and brackets of one tree exactly as evalb.c reads them."""
+  delete = set(params.delete_labels)
+  words: list[tuple[str, str]] = []
+  brackets: list[tuple[str, int, int]] = []
+  starts: list[int] = []
+  length = 0
+  for kind, node in tree.events():
+    if kind == "open":
+      starts.append(len(words))
+    elif kind == "word":
+      if node.label not in params.delete_labels_for_length:
+        length += 1
+      if node.label not in delete:  # a deleted preterminal takes its word along
+        words.append((node.word, node.label))
+    else:
+      start, end = starts.pop(), len(words)
+      if start == end:
+        continue  # spans no (kept) word
+      label = _evalb_label(node.label)
+      if any(_same(label, d, params.eq_labels) for d in params.delete_labels):
+        continue  # deleted bracket, its children stay
+      brackets.append((label, start, end))
+  return _Sentence(tuple(words), tuple(brackets), length)
+
+
+@dataclasses.dataclass(frozen=True)
+class SentenceScore:
+  """One line of EVALB's per-sentence table."""
+  status: int  # 0 ok, 1 error (length/word mismatch, unreadable tree), 2 skip (empty test)
+  length: int
+  gold_brackets: int = 0
+  test_brackets: int = 0
+  matched: int = 0
+  crossing: int = 0
+  words: int = 0
+  correct_tags: int = 0
+  message: str = ""
+
+
+def _as_tree(tree: TreeLike) -> Tree:
+  return tree if isinstance(tree, Tree) else parse_tree(tree)
+
+
+def score_sentence(gold: TreeLike, test: TreeLike,
+                   params: EvalbParams = COLLINS_PARAMS) -> SentenceScore:
+  """EVALB's comparison of one test tree with its gold tree."""
+  try:
+    g = _evalb_view(_as_tree(gold), params)
+  except TreeError as e:
+    return SentenceScore(status=1, length=0, message=f"gold: {e}")
+  try:
+    t = _evalb_view(_as_tree(test), params)
+  except TreeError as e:
+    return SentenceScore(status=1, length=g.length, message=f"test: {e}")
+  if not t.words:
+    return SentenceScore(status=2, length=g.length, message="empty test tree")
+  if len(g.words) != len(t.words):
+    return SentenceScore(status=1, length=g.length,
+                         message=f"Length unmatch ({len(g.words)}|{len(t.words)})")
+  for (gw, _), (tw, _) in zip(g.words, t.words):
+    if not _same(gw, tw, params.eq_words):
+      return SentenceScore(status=1, length=g.length, message=f"Words unmatch ({gw}|{tw})")
+  # Matching: each gold bracket takes the first unused test bracket with the
+  # same span and an equal or equivalent label (multiset matching).
+  by_span: dict[tuple[int, int], list[list[Any]]] = collections.defaultdict(list)
+  for label, s, e in t.brackets:
+    by_span[s, e].append([label, False])
+  matched = 0
+  for label, s, e in g.brackets:
+    for cand in by_span.get((s, e), ()):
+      if not cand[1] and (not params.labeled or _same(label, cand[0], params.eq_labels)):
+        cand[1] = True
+        matched += 1
+        break
+  # Crossing: test brackets that cross some gold bracket.
+  crossing = 0
+  for _, s2, e2 in t.brackets:
+    if any((s1 < s2 < e1 < e2) or (s2 < s1 < e2 < e1) for _, s1, e1 in g.brackets):
+      crossing += 1
+  correct = sum(_same(gt, tt, params.eq_labels) for (_, gt), (_, tt) in zip(g.words, t.words))
+  return SentenceScore(status=0, length=g.length, gold_brackets=len(g.brackets),
+                       test_brackets=len(t.brackets), matched=matched, crossing=crossing,
+                       words=len(g.words), correct_tags=correct)
+
+
+def _summary(scores: Sequence[SentenceScore]) -> dict[str, float]:
+  valid = [s for s in scores if s.status == 0]
+  gold = sum(s.gold_brackets for s in valid)
+  test = sum(s.test_brackets for s in valid)
+  match = sum(s.matched for s in valid)
+  words = sum(s.words for s in valid)
+  n = len(valid)
+  recall = 100.0 * match / gold if gold else 0.0
+  precision = 100.0 * match / test if test else 0.0
+  f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+  return {
+      "sentences": len(scores), "error_sentences": sum(s.status == 1 for s in scores),
+      "skipped_sentences": sum(s.status == 2 for s in scores), "valid_sentences": n,
+      "recall": recall, "precision": precision, "f1": f1,
+      "exact_match": 100.0 * sum(s.gold_brackets == s.test_brackets == s.matched
+                                 for s in valid) / n if n else 0.0,
+      "average_crossing": sum(s.crossing for s in valid) / n if n else 0.0,
+      "no_crossing": 100.0 * sum(s.crossing == 0 for s in valid) / n if n else 0.0,
+      "two_or_less_crossing": 100.0 * sum(s.crossing <= 2 for s in valid) / n if n else 0.0,
+      "tagging_accuracy": 100.0 * sum(s.correct_tags for s in valid) / words if words else 0.0,
+      "matched_brackets": match, "gold_brackets": gold, "test_brackets": test,
+  }
+
+
+def evalb(gold_trees: Sequence[TreeLike], test_trees: Sequence[TreeLike],
+          params: Optional[EvalbParams] = None) -> dict[str, Any]:
+  """Corpus scores as EVALB prints them (percentages 0-100), COLLINS.prm by default.
+
+  Per sentence (as evalb.c): preterminals whose tag is a DELETE_LABEL vanish
+  with their word; brackets are (label cut at '-'/'=', start, end) over the
+  remaining words; brackets over no word or with a deleted (or equivalent)
+  label are dropped; preterminals are not brackets; the root bracket counts
+  unless deleted (so an unlabeled `( ... )` root would count as a bracket
+  labelled ''; normalised trees have none). Matching is a multiset match of
+  (label up to EQ_LABEL, start, end). Corpus recall/precision = sum matched /
+  sum gold / sum test over valid sentences; F1 = 2PR/(P+R) (0 when P+R = 0,
+  where evalb prints nan); exact match = % of valid sentences with
+  matched == gold == test. A test tree with no word is a skip sentence; a
+  length or word mismatch, or an unreadable tree, an error sentence; neither
+  counts. Keys without prefix are for all sentences; `short_*` for sentences
+  of length <= CUTOFF_LEN (`cutoff_len`), length counting every word but
+  DELETE_LABEL_FOR_LENGTH ones.
+
+  Differences from the program: no 200-word/bracket limits; errors beyond
+  MAX_ERROR are counted (`max_error_exceeded`) instead of aborting; QUOTE_LABEL
+  (nk.prm; the 2013 evalb's repair of quote/possessive tag mismatches) is not
+  applied: it never matters when test trees carry the gold tags.
+  """
+  params = params or COLLINS_PARAMS
+  if len(gold_trees) != len(test_trees):
+    raise ValueError(f"{len(gold_trees)} gold trees but {len(test_trees)} test trees")
+  scores = [score_sentence(g, t, params) for g, t in zip(gold_trees, test_trees)]
+  out: dict[str, Any] = _summary(scores)
+  for key, value in _summary([s for s in scores if s.length <= params.cutoff_len]).items():
+    out["short_" + key] = value
+  out["cutoff_len"] = params.cutoff_len
+  out["max_error_exceeded"] = out["error_sentences"] > params.max_error
+  return out
+
+
+# ----------------------------------------------------------------------------
+# The evaluate loop.
+
+
+def _gold(example: Mapping[str, Any]) -> tuple[Optional[Tree], list[str], Optional[list[str]]]:
+  """(gold tree or None, words, gold tags or None) of an example."""
+  if example.get("tree"):
+    gold = parse_tree(example["tree"])
+    return gold, gold.leaves(), gold.tags()
+  return None, example["source"].split(), None
+
+
+def predict_trees(hyp_sequences: Sequence[str],
+                  examples: Sequence[Mapping[str, Any]]) -> list[tuple[Tree, int]]:
+  """(tree, repairs) per hypothesis: words (and gold tags, if the example has a
+  'tree') from the example, otherwise the words of 'source' with `XX` tags."""
+  if len(hyp_sequences) != len(examples):
+    raise ValueError(f"{len(hyp_sequences)} hypotheses but {len(examples)} examples")
+  out = []
+  for hyp, ex in zip(hyp_sequences, examples):
+    _, words, tags = _gold(ex)
+    out.append(delinearize(hyp, words, tags))
+  return out
+
+
+def parsing_report(hyp_sequences: Sequence[str], examples: Sequence[Mapping[str, Any]],
+                   params: Optional[EvalbParams] = None) -> dict[str, Any]:
+  """De-linearises each hypothesis with its example's words and gold tags and scores it.
+
+  Returns `evalb`'s keys ('f1', 'precision', 'recall', 'exact_match',
+  'sentences', ...) plus 'repaired' (hypotheses that needed at least one
+  repair) and 'repairs' (total repair operations).
+  """
+  golds = []
+  for ex in examples:
+    gold, _, _ = _gold(ex)
+    if gold is None:
+      raise ValueError("parsing_report needs examples with a gold 'tree'")
+    golds.append(gold)
+  predicted = predict_trees(hyp_sequences, examples)
+  report = evalb(golds, [t for t, _ in predicted], params)
+  report["repaired"] = sum(r > 0 for _, r in predicted)
+  report["repairs"] = sum(r for _, r in predicted)
+  return report
+
+
+def write_trees(path: Union[str, os.PathLike], trees: Iterable[TreeLike]) -> None:
+  """Writes one bracketed tree per line (atomically), the input format of evalb."""
+  # Imported here so that transformer.evaluate may import this module.
+  from transformer.evaluate import write_lines  # pylint: disable=g-import-not-at-top
+  write_lines(path, [t.to_string() if isinstance(t, Tree) else t for t in trees])
