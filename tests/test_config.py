@@ -62,3 +62,15 @@ def test_invalid_values_are_rejected(args, message):
 def test_d_k_d_v_override_divisibility():
   cfg = config_lib.from_args(["--d_model=100", "--num_heads=8", "--d_k=16", "--d_v=16"])
   assert (cfg.model.head_dim_k, cfg.model.head_dim_v) == (16, 16)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "experiments/paper/table3/*.flags"))),
+                         ids=os.path.basename)
+def test_table3_rows_parameter_count(path):
+  cfg = config_lib.from_args([f"--flagfile={path}"]).model
+  assert cfg.num_encoder_layers == cfg.num_decoder_layers
+  want = closed_form_params(V=cfg.vocab_size, N=cfg.num_encoder_layers, d=cfg.d_model,
+                            h=cfg.num_heads, d_k=cfg.head_dim_k, d_v=cfg.head_dim_v, d_ff=cfg.d_ff)
+  if cfg.positional_encoding == "learned":  # one [max_len, d_model] table per stack
+    want += 2 * cfg.max_len * cfg.d_model
+  assert count_shapes(cfg) == want

@@ -220,4 +220,4 @@ def test_plot_and_attention_write_pngs(shared_run, multi30k_dir, tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   for kind in ("encoder_self_attention", "decoder_self_attention", "decoder_cross_attention"):
     w, h = _png_size(tmp_path / "att" / f"attention_{kind}.png")
-    assert w > 200 and h > 200  # 1 layer x 2 heads
+    assert w == 2 * h and h >= 176  # 1 layer (rows) x 2 heads (columns) of square cells

@@ -8,12 +8,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import sys
 import threading
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -26,6 +27,7 @@ from transformer.data import datasets, pipeline, tokenizer as tokenizer_lib
 from transformer.decode import BeamSearcher
 from transformer.metrics_writer import MetricsWriter
 from transformer.train import Trainer, count_params
+
 
 class NonFiniteError(RuntimeError):
   """Training produced a NaN/Inf loss or gradient and --nonfinite=stop."""
@@ -71,23 +73,31 @@ def setup(cfg: Config, workdir: str, train_vocab: bool) -> Setup:
         f"no vocabulary at {vocab_path}: train first (--mode=train) or pass --vocab_path")
 
   if train_vocab:  # validates (and prepares) the data before anything is written to workdir
-    train_examples = datasets.get_split(cfg.data, cfg.data.train_split, _data_dir(cfg, workdir))
+    train_examples = _chief_first(lambda: datasets.get_split(cfg.data, cfg.data.train_split,
+                                                             _data_dir(cfg, workdir)))
     os.makedirs(workdir, exist_ok=True)
 
-  def sentences():
-    return train_examples.sentences()
-
-  tok = tokenizer_lib.load_or_train(vocab_path, sentences, cfg.model.vocab_size,
-                                    model_type=cfg.data.spm_model_type,
-                                    character_coverage=cfg.data.spm_character_coverage,
-                                    max_sentences=cfg.data.spm_max_sentences, seed=cfg.train.seed,
-                                    split_by_unicode_script=cfg.data.spm_split_by_unicode_script)
+  tok = _chief_first(lambda: tokenizer_lib.load_or_train(
+      vocab_path, lambda: train_examples.sentences(), cfg.model.vocab_size,
+      model_type=cfg.data.spm_model_type, character_coverage=cfg.data.spm_character_coverage,
+      max_sentences=cfg.data.spm_max_sentences, seed=cfg.train.seed,
+      split_by_unicode_script=cfg.data.spm_split_by_unicode_script))
   # hard_vocab_limit=False may give fewer pieces than asked for on small corpora.
   model_cfg = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)
   if tok.vocab_size != cfg.model.vocab_size:
     logging.info("vocabulary: %d pieces (asked for %d)", tok.vocab_size, cfg.model.vocab_size)
   trainer = Trainer(model_cfg, cfg.train, mesh)
   return Setup(cfg, workdir, mesh, tok, model_cfg, trainer)
+
+
+def _chief_first(fn):
+  """Runs fn on process 0, then (after a barrier) on the others: shared-filesystem writes
+  (TFDS preparation, SentencePiece training) happen once; the others then just load."""
+  if jax.process_count() == 1:
+    return fn()
+  result = fn() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("transformer:chief_first")
+  return result if jax.process_index() == 0 else fn()
 
 
 def _saved_config(s: Setup) -> dict:
@@ -448,7 +458,7 @@ def evaluate(cfg: Config, workdir: str, which: str = "latest",
   hyps = translate_tokenized(s, searcher, params, tokenized)
   decode_seconds = time.time() - t0
   refs = [ex["target"] for ex in examples]
-  split_name = cfg.data.test_split.replace("/", "_")
+  split_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.data.test_split).strip("_")  # test[:24] -> test_24
   out_path = output or os.path.join(workdir, f"{split_name}.{which}.hyp")
   report: dict[str, Any] = {"split": cfg.data.test_split, "checkpoint": which, "step": step,
                             "sentences": len(hyps), "decode_seconds": decode_seconds}

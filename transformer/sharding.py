@@ -11,6 +11,7 @@ shardings over a `Mesh` with axes ('data', 'fsdp', 'tensor').
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -117,19 +118,37 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
           for k, v in local_batch.items()}
 
 
+def _cluster_detected() -> bool:
+  """True where jax.distributed.initialize() can find its parameters by itself.
+
+  Mirrors jax's own detectors (jax/_src/clusters): a SLURM step with several tasks
+  (srun), Open MPI, an explicit JAX_COORDINATOR_ADDRESS, or a Cloud TPU VM (GKE sets
+  worker host names; GCE answers through the metadata server).
+  """
+  env = os.environ
+  if "JAX_COORDINATOR_ADDRESS" in env or "OMPI_MCA_orte_hnp_uri" in env:
+    return True
+  slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+           "SLURM_LOCALID")
+  if all(k in env for k in slurm):
+    return int(env["SLURM_NTASKS"]) > 1  # one task inside an allocation: single process
+  try:
+    from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm  # set when libtpu loads
+  except ImportError:
+    running_in_cloud_tpu_vm = False
+  return bool(running_in_cloud_tpu_vm) and "TPU_SKIP_MDS_QUERY" not in env
+
+
 def maybe_initialize_distributed(mesh_cfg: MeshConfig) -> None:
   """jax.distributed.initialize() for multi-process runs.
 
-  Explicit flags win; otherwise JAX detects Cloud TPU VMs and SLURM by itself.
-  A single process without any of these is left alone.
+  Explicit flags (--coordinator_address, --num_processes, --process_id) win; otherwise
+  JAX detects SLURM (srun), Open MPI and Cloud TPU VM pods by itself. A single process
+  elsewhere is left alone.
   """
-  import os
-  explicit = mesh_cfg.coordinator_address is not None
-  auto = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
-                                       "JAX_COORDINATOR_ADDRESS"))
-  if explicit:
+  if mesh_cfg.coordinator_address is not None:
     jax.distributed.initialize(coordinator_address=mesh_cfg.coordinator_address,
                                num_processes=mesh_cfg.num_processes,
                                process_id=mesh_cfg.process_id)
-  elif auto:
+  elif _cluster_detected():
     jax.distributed.initialize()

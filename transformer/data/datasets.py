@@ -193,13 +193,26 @@ class ParallelText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield i, {lang_a: text_a, lang_b: text_b, "id": i}
 
 
+class RawDataDirMixin:
+  """A TFDS builder that reads raw files from a local `raw_data_dir` (None: download)."""
+
+  def __init__(self, *, raw_data_dir: Optional[str] = None, **kwargs):
+    self._raw_data_dir = raw_data_dir
+    super().__init__(**kwargs)
+    self._original_state["raw_data_dir"] = raw_data_dir  # for pickling
+
+  @property
+  def raw_data_dir(self) -> Optional[str]:
+    return self._raw_data_dir
+
+
 @dataclasses.dataclass(eq=False)
 class Multi30kConfig(tfds.core.BuilderConfig):
   """One config per non-UTF-8 policy ('replace', 'skip')."""
   non_utf8: str = "replace"
 
 
-class Multi30k(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class Multi30k(RawDataDirMixin, tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Multi30k Task 1 En-De, raw (untokenized) text.
 
   Splits: train (29000), validation (val, 1014), test (test_2016_flickr, 1000).
@@ -215,15 +228,6 @@ class Multi30k(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       Multi30kConfig(name=p, version="1.0.0", non_utf8=p,
                      description=f"Undecodable bytes: {p}.")
       for p in NON_UTF8_POLICIES]
-
-  def __init__(self, *, raw_data_dir: Optional[str] = None, **kwargs):
-    self._raw_data_dir = raw_data_dir
-    super().__init__(**kwargs)
-    self._original_state["raw_data_dir"] = raw_data_dir  # for pickling
-
-  @property
-  def raw_data_dir(self) -> Optional[str]:
-    return self._raw_data_dir
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(

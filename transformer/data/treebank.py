@@ -376,7 +376,7 @@ class PtbParsingConfig(tfds.core.BuilderConfig):
                layout=layout, extra_train_files=extra)
 
 
-class PtbParsing(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class PtbParsing(datasets.RawDataDirMixin, tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Penn Treebank WSJ constituency trees from a local directory (no download).
 
   Features: 'sentence' (words joined by spaces), 'tree' (normalised, one line,
@@ -389,15 +389,6 @@ class PtbParsing(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   name = "ptb_parsing"
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-  def __init__(self, *, raw_data_dir: Optional[str] = None, **kwargs):
-    self._raw_data_dir = raw_data_dir
-    super().__init__(**kwargs)
-    self._original_state["raw_data_dir"] = raw_data_dir  # for pickling
-
-  @property
-  def raw_data_dir(self) -> Optional[str]:
-    return self._raw_data_dir
 
   def _info(self) -> tfds.core.DatasetInfo:
     if not isinstance(self.builder_config, PtbParsingConfig):
