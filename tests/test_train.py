@@ -91,7 +91,7 @@ def test_tiny_model_overfits_real_sentence_pairs(tmp_path, multi30k_dir):
   cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, d_ff=128, num_heads=4,
                     num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0)
   mesh = sharding.make_mesh("data:1", jax.devices()[:1])
-  trainer = train.Trainer(cfg, TrainConfig(warmup_steps=30, learning_rate_scale=2.0,
+  trainer = train.Trainer(cfg, TrainConfig(warmup_steps=50, learning_rate_scale=1.0,
                                            label_smoothing=0.0), mesh)
   state = trainer.init_state(0)
   data = {"inputs": batch["inputs"], "targets": batch["targets"]}
