@@ -407,6 +407,16 @@ def _select(runs: list[dict], only: Optional[str]) -> list[dict]:
   raise SpecError(f"--only={only}: no such run; runs are {', '.join(r['name'] for r in runs)}")
 
 
+def _prepared(args, spec, runs, extra, root) -> bool:
+  """prepare_root, reporting a bad spec as one error line (False) instead of raising."""
+  try:
+    prepare_root(args.spec, spec, runs, extra, root, args.python)
+  except SpecError as e:
+    print(f"error: sweep {args.spec}: {e}", file=sys.stderr)
+    return False
+  return True
+
+
 def main(argv: Optional[list[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m launch.sweep", allow_abbrev=False,
@@ -449,10 +459,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.dry_run:
       sys.stdout.write(script)
       return 0
-    try:
-      prepare_root(args.spec, spec, runs, extra, root, args.python)
-    except SpecError as e:
-      print(f"error: sweep {args.spec}: {e}", file=sys.stderr)
+    if not _prepared(args, spec, runs, extra, root):
       return 2
     path = os.path.join(root, "sweep.sbatch")
     with open(path, "w", encoding="utf-8") as f:
@@ -472,10 +479,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                       runner.checkpoint)))
     return 0
 
-  try:
-    prepare_root(args.spec, spec, runs, extra, root, args.python)
-  except SpecError as e:
-    print(f"error: sweep {args.spec}: {e}", file=sys.stderr)
+  if not _prepared(args, spec, runs, extra, root):
     return 2
   t0 = time.time()
   runner.say(f"{len(selected)} of {len(runs)} runs, {args.parallel} at a time, under {root}")

@@ -10,7 +10,6 @@ import os
 import time
 from typing import Any, Optional
 
-from absl import logging
 
 
 class MetricsWriter:

@@ -15,7 +15,6 @@ Shapes use [batch, length, heads, head_dim]. Parameters carry logical axis names
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import flax.linen as nn
