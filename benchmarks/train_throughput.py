@@ -1,7 +1,10 @@
 r"""Training throughput: median step time, tokens/s, model FLOP/s and fraction of measured peak.
 
   python -m benchmarks.train_throughput --config=small|base|big [--dtype=bfloat16]
+      [--batch=N --length=L] [--nomeasure_peak]
 
+Shapes come from `benchmarks/shapes.py` (shared with the PyTorch peer, benchmarks/peer.py);
+--batch/--length override the config's sentences per step and tokens per sentence.
 Prints one JSON object. The peak is measured in the same run with a large jitted
 matmul of the compute dtype (f32 accumulation), so the fraction is a same-machine ratio.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 
 import jax
@@ -17,26 +21,26 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from benchmarks import shapes
 from transformer import sharding
 from transformer.config import ModelConfig, TrainConfig
 from transformer.train import Trainer, count_params
 
-CONFIGS = {
-    # name: (model, batch, length)
-    "small": (ModelConfig(vocab_size=8000, num_encoder_layers=3, num_decoder_layers=3, d_model=256,
-                          d_ff=1024, num_heads=4), 64, 24),
-    "base": (ModelConfig(vocab_size=37000), 64, 32),
-    "big": (ModelConfig(vocab_size=37000, d_model=1024, d_ff=4096, num_heads=16,
-                        dropout_rate=0.3), 16, 32),
-}
+CONFIGS = {  # name: (model, batch, length)
+    name: (ModelConfig(**shapes.model_config_kwargs(s)), s.train_batch, s.train_length)
+    for name, s in shapes.SHAPES.items()}
 
-flags.DEFINE_enum("config", "small", list(CONFIGS), "Model/batch configuration.")
+flags.DEFINE_enum("config", "small", list(CONFIGS),
+                  "Model/batch configuration (tiny: smoke tests).")
 flags.DEFINE_string("dtype", "float32", "Compute dtype (parameters stay float32).")
 flags.DEFINE_string("attention_impl", "einsum", "einsum | xla.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps (compilation).")
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_string("mesh", "data:-1", "Mesh spec.")
 flags.DEFINE_bool("remat", False, "Rematerialise layers.")
+flags.DEFINE_integer("batch", 0, "Sentences per step (0: the config's).")
+flags.DEFINE_integer("length", 0, "Tokens per source and per target sentence (0: the config's).")
+flags.DEFINE_bool("measure_peak", True, "Also measure the matmul peak (a few seconds).")
 FLAGS = flags.FLAGS
 
 
@@ -77,17 +81,15 @@ def measure_peak(dtype, n: int = 2048, reps: int = 5) -> float:
 
 
 def run(config: str, dtype: str, attention_impl: str, warmup: int, steps: int, mesh_spec: str,
-        remat: bool = False) -> dict:
-  model_cfg, batch, length = CONFIGS[config]
+        remat: bool = False, batch: int = 0, length: int = 0, with_peak: bool = True) -> dict:
+  model_cfg, default_batch, default_length = CONFIGS[config]
+  batch, length = batch or default_batch, length or default_length
   model_cfg = dataclasses.replace(model_cfg, dtype=dtype, attention_impl=attention_impl, remat=remat)
   mesh = sharding.make_mesh(mesh_spec)
   trainer = Trainer(model_cfg, TrainConfig(), mesh)
   state = trainer.init_state(0)
-  rng = np.random.RandomState(0)
   # Random tokens, no padding: every position is a real token; EOS ends each row.
-  src = rng.randint(4, model_cfg.vocab_size, (batch, length)).astype(np.int32)
-  tgt = rng.randint(4, model_cfg.vocab_size, (batch, length)).astype(np.int32)
-  src[:, -1] = tgt[:, -1] = 1
+  src, tgt = shapes.train_batch(model_cfg.vocab_size, batch, length)
   gb = sharding.global_batch({"inputs": src, "targets": tgt}, mesh)
   for _ in range(warmup):
     state, m = trainer.train_step(state, gb)
@@ -100,7 +102,7 @@ def run(config: str, dtype: str, attention_impl: str, warmup: int, steps: int, m
     times.append(time.perf_counter() - t)
   step_time = float(np.median(times))
   flops = train_flops(model_cfg, batch, length, length)
-  peak = measure_peak(jnp.dtype(dtype))
+  peak = measure_peak(jnp.dtype(dtype)) if with_peak else None
   achieved = flops / step_time / 1e9
   return {"benchmark": "train_throughput", "config": config, "dtype": dtype,
           "attention_impl": attention_impl, "remat": remat, "batch": batch, "length": length,
@@ -109,12 +111,16 @@ def run(config: str, dtype: str, attention_impl: str, warmup: int, steps: int, m
           "source_tokens_per_s": batch * length / step_time,
           "target_tokens_per_s": batch * length / step_time,
           "model_gflop_per_step": flops / 1e9, "achieved_gflop_s": achieved,
-          "peak_matmul_gflop_s": peak, "fraction_of_peak": achieved / peak}
+          "peak_matmul_gflop_s": peak, "fraction_of_peak": achieved / peak if peak else None}
 
 
 def main(_):
+  if FLAGS.batch < 0 or FLAGS.length < 0:
+    print("error: --batch and --length must be positive (0: the config's)", file=sys.stderr)
+    sys.exit(2)
   print(json.dumps(run(FLAGS.config, FLAGS.dtype, FLAGS.attention_impl, FLAGS.warmup, FLAGS.steps,
-                       FLAGS.mesh, FLAGS.remat)))
+                       FLAGS.mesh, FLAGS.remat, FLAGS.batch, FLAGS.length,
+                       FLAGS.measure_peak)))
 
 
 if __name__ == "__main__":

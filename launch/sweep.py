@@ -11,14 +11,17 @@ A spec is JSON (see experiments/sweeps/):
     "flags": {"num_train_steps": 10, "tfds_data_dir": "{root}/_tfds"},  # every run; not in names
     "grid": {"dropout_rate": [0.0, 0.1, 0.3], "d_model": [32, 64]},    # cartesian product
     "zip": {"warmup_steps": [100, 200], "learning_rate_scale": [1, 2]}, # lists walked together
+    "runs": [{"name": "a_h1", "flags": {"num_heads": 1, "d_k": 128}}, ...],  # named rows
     "name_template": "drop{dropout_rate}_d{d_model}",            # optional, str.format
     "steps": ["train", "average", "evaluate"],                   # default ["train"]
     "evaluate_checkpoint": "averaged",                           # default: averaged if averaged
     "slurm": {"time": "24:00:00", "gpus-per-task": 1}            # extra #SBATCH options
   }
 
-Runs are every zip tuple crossed with every grid point (either may be absent; with neither,
-one run named 'base'). Flag values are JSON numbers, strings or booleans (true -> --flag,
+Runs are every named row of "runs" (a table such as the paper's Table 3, each row stating only
+the flags it changes; "note" is free text) crossed with every zip tuple and every grid point
+(any of the three may be absent; with none, one run named 'base'). A row's name is its run
+name, followed by the grid/zip name when there is a grid or zip. Flag values are JSON numbers, strings or booleans (true -> --flag,
 false -> --noflag); '{root}' in a "flags" string becomes the absolute --root. The default name
 joins 'flag=value' with '__'. Arguments after the known options (e.g. --raw_data_dir=...) are
 appended to every run's flags and are not part of the names.
@@ -53,8 +56,8 @@ from typing import Any, Iterator, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("train", "average", "evaluate")
-SPEC_KEYS = ("description", "base_flagfile", "flags", "grid", "zip", "name_template", "steps",
-             "evaluate_checkpoint", "slurm")
+SPEC_KEYS = ("description", "base_flagfile", "flags", "grid", "zip", "runs", "name_template",
+             "steps", "evaluate_checkpoint", "slurm")
 # Flags that belong to the launcher, not to a spec: each run's --workdir and --mode are its own.
 _RESERVED = ("workdir", "mode", "flagfile", "checkpoint", "input", "output")
 
@@ -166,6 +169,7 @@ def expand(spec: dict[str, Any], root: str = "ROOT") -> list[dict[str, Any]]:
                     + ", ".join(f"{k}: {len(v)}" for k, v in zipped.items()))
   zip_rows = [dict(zip(zipped, row)) for row in zip(*zipped.values())] if zipped else [{}]
   grid_rows = [dict(zip(grid, row)) for row in itertools.product(*grid.values())]
+  named_rows = _named_rows(spec, set(grid) | set(zipped))
   template = spec.get("name_template")
   if template is not None and not isinstance(template, str):
     raise SpecError('"name_template" must be a string such as "drop{dropout_rate}"')
@@ -173,28 +177,61 @@ def expand(spec: dict[str, Any], root: str = "ROOT") -> list[dict[str, Any]]:
   _evaluate_checkpoint(spec, steps)
 
   runs, seen = [], {}
-  for zrow in zip_rows:
-    for grow in grid_rows:
-      overrides = {**zrow, **grow}
-      if template is None:
-        name = default_name(overrides)
-      else:
-        try:
-          name = template.format(**overrides)
-        except KeyError as e:
-          raise SpecError(f'"name_template" uses {{{e.args[0]}}}, which is not a grid or zip'
-                          f" flag ({', '.join(overrides) or 'none'})") from None
-        except (ValueError, IndexError) as e:
-          raise SpecError(f'"name_template" {template!r}: {e}') from None
-      name = _safe_name(name)
-      if name in seen:
-        raise SpecError(f"two runs are both named {name!r} ({seen[name]} and {overrides});"
-                        " make \"name_template\" use every grid/zip flag")
-      seen[name] = overrides
-      flags = [f"--flagfile={base}", *common_args,
-               *(flag_arg(k, v) for k, v in overrides.items())]
-      runs.append({"name": name, "overrides": overrides, "flags": flags})
+  for (row_name, row_flags), zrow, grow in itertools.product(named_rows, zip_rows, grid_rows):
+    swept = {**zrow, **grow}
+    overrides = {**row_flags, **swept}
+    if row_name is not None and not swept:
+      name = row_name
+    elif template is None:
+      name = default_name(swept)
+    else:
+      try:
+        name = template.format(**overrides)
+      except KeyError as e:
+        raise SpecError(f'"name_template" uses {{{e.args[0]}}}, which is not a grid or zip'
+                        f" flag ({', '.join(overrides) or 'none'})") from None
+      except (ValueError, IndexError) as e:
+        raise SpecError(f'"name_template" {template!r}: {e}') from None
+    if row_name is not None and swept:
+      name = f"{row_name}__{name}"
+    name = _safe_name(name)
+    if name in seen:
+      raise SpecError(f"two runs are both named {name!r} ({seen[name]} and {overrides});"
+                      " make \"name_template\" use every grid/zip flag")
+    seen[name] = overrides
+    flags = [f"--flagfile={base}", *common_args,
+             *(flag_arg(k, v) for k, v in overrides.items())]
+    runs.append({"name": name, "overrides": overrides, "flags": flags})
   return runs
+
+
+def _named_rows(spec: dict, swept: set[str]) -> list[tuple[Optional[str], dict[str, Any]]]:
+  """[(name, {flag: value})] of "runs", or [(None, {})] without it."""
+  rows = spec.get("runs")
+  if rows is None:
+    return [(None, {})]
+  if not isinstance(rows, list) or not rows:
+    raise SpecError('"runs" must be a non-empty list of {"name": ..., "flags": {...}} objects')
+  out = []
+  for i, row in enumerate(rows):
+    if not isinstance(row, dict) or not isinstance(row.get("name"), str) or not row["name"]:
+      raise SpecError(f'"runs"[{i}] must be an object with a "name" string')
+    extra_keys = sorted(set(row) - {"name", "flags", "note"})
+    if extra_keys:
+      raise SpecError(f'"runs"[{i}] ({row["name"]}): unknown key {extra_keys[0]!r};'
+                      ' a row has "name", "flags" and an optional "note"')
+    flags = row.get("flags") or {}
+    if not isinstance(flags, dict):
+      raise SpecError(f'"runs"[{i}] ({row["name"]}): "flags" must be an object of flag -> value')
+    for flag, value in flags.items():
+      if flag.startswith("-") or flag in _RESERVED:
+        raise SpecError(f'"runs"[{i}] ({row["name"]}): {flag!r} is not allowed (write flag names'
+                        f" without dashes; {', '.join(_RESERVED)} are set by the launcher)")
+      if flag in swept:
+        raise SpecError(f'"runs"[{i}] ({row["name"]}): {flag!r} is also in "grid" or "zip"')
+      flag_arg(flag, value)  # type check
+    out.append((row["name"], flags))
+  return out
 
 
 def _steps(spec: dict) -> list[str]:

@@ -65,3 +65,18 @@ def test_keeps_last_n_and_averages_parameters(tmp_path):
     np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-7)
   # The averaged state keeps the last step's counters.
   assert int(avg.step) == 5
+
+
+def test_average_window_in_checkpoints_or_steps():
+  steps = list(range(100, 1501, 100))  # the Multi30k run: every 100 steps
+  # The paper's base recipe: the last 5 checkpoints.
+  assert checkpoints.select_average_steps(steps, 5) == [1100, 1200, 1300, 1400, 1500]
+  # A window in steps: (1000, 1500] -> the same 5; (1250, 1500] -> 3.
+  assert checkpoints.select_average_steps(steps, 5, window_steps=500) == [1100, 1200, 1300,
+                                                                         1400, 1500]
+  assert checkpoints.select_average_steps(steps, 5, window_steps=250) == [1300, 1400, 1500]
+  # Irregular steps (time-based saves, a SIGTERM save at 1437), unsorted input.
+  assert checkpoints.select_average_steps([1437, 1000, 1200, 1400], 2, window_steps=300) == [
+      1200, 1400, 1437]
+  assert checkpoints.select_average_steps([1437, 1000, 1200, 1400], 2) == [1400, 1437]
+  assert checkpoints.select_average_steps([], 5, window_steps=10) == []

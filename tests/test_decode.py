@@ -95,3 +95,35 @@ def test_cached_decoding_equals_full_forward_pass():
 def test_length_penalty_formula():
   assert abs(float(decode.length_penalty(7, 0.6)) - (12 / 6) ** 0.6) < 1e-6
   assert float(decode.length_penalty(30, 0.0)) == 1.0
+
+
+def test_decoding_compiles_once_per_bucket_shape_and_never_between_batches(multi30k_dir):
+  """Length-bucketed eval batches (last batch of a bucket padded with -1 rows): the jitted
+  beam search compiles once per [batch, length] shape, and a second pass compiles nothing."""
+  from transformer import sharding
+  from transformer.config import DecodeConfig, TrainConfig
+  from transformer.data import pipeline
+  from transformer.train import Trainer
+
+  class WordIds:
+    def encode(self, text):
+      return [4 + sum(map(ord, w)) % 60 for w in text.split()]
+
+  en = (multi30k_dir / "val.en").read_text(encoding="utf-8").splitlines()[:150]
+  examples = [{"source": s, "target": s, "id": i} for i, s in enumerate(en)]
+  tokenized = pipeline.tokenize_split(examples, WordIds())
+  batches = pipeline.make_eval_batches(tokenized, 192, [8, 12, 16, 24, 32])
+  cfg = ModelConfig(vocab_size=64, d_model=16, d_ff=32, num_heads=2, num_encoder_layers=1,
+                    num_decoder_layers=1)
+  mesh = sharding.make_mesh("data:1", jax.devices()[:1])
+  trainer = Trainer(cfg, TrainConfig(), mesh)
+  params = trainer.init_state(0).params
+  searcher = decode.BeamSearcher(cfg, DecodeConfig(beam_size=2, max_decode_len_offset=4), mesh,
+                                 trainer.state_shardings.params)
+  shapes = {b["inputs"].shape for b in batches}
+  assert len(batches) > len(shapes) > 1
+  for _ in range(2):
+    for b in batches:
+      seqs, _ = searcher(params, sharding.global_batch({"inputs": b["inputs"]}, mesh)["inputs"])
+      assert seqs.shape[0] == b["inputs"].shape[0]
+  assert searcher._search._cache_size() == len(shapes)  # pylint: disable=protected-access

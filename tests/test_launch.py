@@ -69,6 +69,22 @@ def test_zip_walks_lists_together_and_crosses_the_grid():
   assert [r["name"] for r in sweep.expand({"base_flagfile": BASE})] == ["base"]
 
 
+def test_named_rows_state_only_what_differs_and_cross_the_grid():
+  rows = [{"name": "base"}, {"name": "a_h1", "flags": {"num_heads": 1, "d_k": 128}},
+          {"name": "e_learned", "flags": {"positional": "learned"}, "note": "row (E)"}]
+  runs = sweep.expand({"base_flagfile": BASE, "flags": {"num_train_steps": 10}, "runs": rows})
+  assert [r["name"] for r in runs] == ["base", "a_h1", "e_learned"]
+  assert [r["overrides"] for r in runs] == [{}, {"num_heads": 1, "d_k": 128},
+                                            {"positional": "learned"}]
+  assert runs[1]["flags"] == [f"--flagfile={BASE}", "--num_train_steps=10", "--num_heads=1",
+                              "--d_k=128"]
+  # Crossed with a grid: every row at every seed, named row__grid.
+  crossed = sweep.expand({"base_flagfile": BASE, "runs": rows[:2], "grid": {"seed": [1, 2]}})
+  assert [r["name"] for r in crossed] == ["base__seed=1", "base__seed=2", "a_h1__seed=1",
+                                          "a_h1__seed=2"]
+  assert crossed[3]["overrides"] == {"num_heads": 1, "d_k": 128, "seed": 2}
+
+
 def test_tiny_dropout_spec_expands_to_three_valid_runs(multi30k_dir):
   spec = sweep.load_spec(TINY)
   runs = sweep.expand(spec, "/root")
@@ -97,6 +113,12 @@ def test_tiny_dropout_spec_expands_to_three_valid_runs(multi30k_dir):
     ({"grid": {"workdir": ["/x"]}}, "'workdir' is not allowed"),
     ({"steps": ["evaluate", "train"]}, '"steps" must keep the order'),
     ({"grids": {"d_model": [32]}}, "unknown spec key 'grids'"),
+    ({"runs": [{"name": "x", "flags": {"label_smoothing": 1.0}}]},
+     "run 'x': --label_smoothing must be in [0, 1)"),
+    ({"runs": [{"name": "x", "flag": {}}]}, "unknown key 'flag'"),
+    ({"runs": [{"name": "x"}, {"name": "x"}]}, "two runs are both named 'x'"),
+    ({"runs": [{"name": "x", "flags": {"seed": 1}}], "grid": {"seed": [2]}},
+     "'seed' is also in \"grid\" or \"zip\""),
     ({"base_flagfile": "experiments/nope.flags"},
      '"base_flagfile" experiments/nope.flags does not exist'),
 ])

@@ -107,3 +107,42 @@ def test_tiny_model_overfits_real_sentence_pairs(tmp_path, multi30k_dir):
           if i >= 0}
   exact = sum(hyps[i] == de[i] for i in range(12))
   assert exact >= 11, [(hyps[i], de[i]) for i in range(12) if hyps[i] != de[i]]
+
+
+class _WordIds:
+  """Independent toy tokenizer: one id in [4, 64) per whitespace word."""
+
+  def encode(self, text):
+    return [4 + sum(map(ord, w)) % 60 for w in text.split()]
+
+
+def _real_pairs(multi30k_dir, n):
+  en = (multi30k_dir / "val.en").read_text(encoding="utf-8").splitlines()[:n]
+  de = (multi30k_dir / "val.de").read_text(encoding="utf-8").splitlines()[:n]
+  return [{"source": s, "target": t, "id": i} for i, (s, t) in enumerate(zip(en, de))]
+
+
+def test_epoch_over_buckets_compiles_once_per_bucket_shape(multi30k_dir):
+  """Two epochs of bucketed training batches: one executable per [batch, length] shape."""
+  from transformer.data import pipeline
+  boundaries = [8, 12, 16, 24, 32]
+  tokenized = pipeline.tokenize_split(_real_pairs(multi30k_dir, 300), _WordIds(), 32, 32)
+  it = pipeline.make_train_iterator(tokenized, 256, boundaries)
+  plan_batches = pipeline.TrainBatchPlan(tokenized, boundaries, 256, 1, 0).batches_per_epoch
+  cfg = ModelConfig(vocab_size=64, d_model=16, d_ff=32, num_heads=2, num_encoder_layers=1,
+                    num_decoder_layers=1)
+  mesh = sharding.make_mesh("data:1", jax.devices()[:1])
+  trainer = train.Trainer(cfg, TrainConfig(warmup_steps=10), mesh)
+  state = trainer.init_state(0)
+  shapes = []
+  for _ in range(2 * plan_batches):
+    batch = next(it)
+    shapes.append(batch["inputs"].shape)
+    assert batch["targets"].shape == batch["inputs"].shape
+    state, _ = trainer.train_step(
+        state, sharding.global_batch({k: batch[k] for k in ("inputs", "targets")}, mesh))
+  distinct = set(shapes)
+  assert len(shapes) > len(distinct) > 1  # batches repeat shapes, several buckets are used
+  assert len(distinct) <= len(boundaries)
+  assert trainer._train_step._cache_size() == len(distinct), (  # pylint: disable=protected-access
+      trainer._train_step._cache_size(), sorted(distinct))  # pylint: disable=protected-access

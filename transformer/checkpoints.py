@@ -77,6 +77,18 @@ class Checkpointer:
     self.manager.close()
 
 
+def select_average_steps(steps: Sequence[int], num_average: int,
+                         window_steps: int = 0) -> list[int]:
+  """The checkpoints to average: the last `num_average`, or (window_steps > 0) every step in
+  (latest - window_steps, latest]. E.g. steps 100..1500 every 100, window 500 -> 1100..1500."""
+  steps = sorted(steps)
+  if not steps:
+    return []
+  if window_steps > 0:
+    return [s for s in steps if s > steps[-1] - window_steps]
+  return steps[-num_average:]
+
+
 def average_checkpoints(ckpt: Checkpointer, steps: Sequence[int], abstract_state: Any):
   """Mean parameters of `steps` (the paper averages the last 5 / 20 checkpoints).
 

@@ -160,6 +160,7 @@ class DecodeConfig:
   max_decode_len_offset: int = 50    # max output length = input length + offset
   decode_tokens_per_batch: int = 4096
   num_average: int = 5               # checkpoints averaged by --mode=average
+  average_window_steps: int = 0      # > 0: instead, the checkpoints of the last this-many steps
 
   def validate(self) -> "DecodeConfig":
     if self.beam_size <= 0:
@@ -170,6 +171,9 @@ class DecodeConfig:
       raise ConfigError(f"--max_decode_len_offset must be positive, got {self.max_decode_len_offset}")
     if self.num_average <= 0:
       raise ConfigError(f"--num_average must be positive, got {self.num_average}")
+    if self.average_window_steps < 0:
+      raise ConfigError(
+          f"--average_window_steps must be >= 0, got {self.average_window_steps}")
     return self
 
 
@@ -265,6 +269,8 @@ _HELP = {
     "max_decode_len_offset": "Max output length = input length + this.",
     "decode_tokens_per_batch": "Source tokens x beam per decoding batch.",
     "num_average": "Checkpoints averaged by --mode=average.",
+    "average_window_steps": "If > 0, --mode=average averages every checkpoint of the last this"
+                            " many steps (step > latest - window) instead of --num_average.",
     "mesh": "Mesh shape, e.g. data:-1,fsdp:1,tensor:1 (-1 = the rest).",
     "coordinator_address": "jax.distributed coordinator host:port (multi-process).",
     "num_processes": "jax.distributed process count.", "process_id": "This process's id.",

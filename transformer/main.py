@@ -5,7 +5,8 @@ r"""Entry point: flags -> frozen config -> library calls.
 
 Modes:
   train      train (resuming from the workdir's latest checkpoint), evaluating on the dev split
-  average    average the last --num_average checkpoints into <workdir>/averaged
+  average    average the last --num_average checkpoints (or --average_window_steps of steps)
+             into <workdir>/averaged
   evaluate   beam-search the --test_split, write hypotheses, print BLEU and perplexity
   translate  translate sentences from --input (default stdin) to --output (default stdout)
   plot       learning curves of <workdir>/metrics.jsonl -> <workdir>/plots/learning_curves.png

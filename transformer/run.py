@@ -426,13 +426,15 @@ def _restore_params(s: Setup, which: str):
 
 
 def average(cfg: Config, workdir: str) -> int:
-  """Averages the last --num_average checkpoints into <workdir>/averaged/<last step>."""
+  """Averages the last --num_average checkpoints (or those of the last --average_window_steps
+  steps) into <workdir>/averaged/<last step>."""
   s = setup(cfg, workdir, train_vocab=False)
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise checkpoints.CheckpointError(f"no checkpoint in {directory}: train first")
   ckpt = checkpoints.Checkpointer(directory, keep=10**6, create=False)
-  steps = ckpt.steps()[-cfg.decode.num_average:]
+  steps = checkpoints.select_average_steps(ckpt.steps(), cfg.decode.num_average,
+                                           cfg.decode.average_window_steps)
   if not steps:
     raise checkpoints.CheckpointError(f"no checkpoint in {directory}: train first")
   _check_same_model(ckpt.restore_config(steps[-1]), s, f"checkpoint {steps[-1]} in {directory}")
