@@ -19,7 +19,7 @@ A spec is JSON (see experiments/sweeps/):
   }
 
 Runs are every named row of "runs" (a table such as the paper's Table 3, each row stating only
-the flags it changes; "note" is free text) crossed with every zip tuple and every grid point
+the flags it changes, or its own "base_flagfile"; "note" is free text) crossed with every zip tuple and every grid point
 (any of the three may be absent; with none, one run named 'base'). A row's name is its run
 name, followed by the grid/zip name when there is a grid or zip. Flag values are JSON numbers, strings or booleans (true -> --flag,
 false -> --noflag); '{root}' in a "flags" string becomes the absolute --root. The default name
@@ -177,7 +177,8 @@ def expand(spec: dict[str, Any], root: str = "ROOT") -> list[dict[str, Any]]:
   _evaluate_checkpoint(spec, steps)
 
   runs, seen = [], {}
-  for (row_name, row_flags), zrow, grow in itertools.product(named_rows, zip_rows, grid_rows):
+  for (row_name, row_flags, row_base), zrow, grow in itertools.product(named_rows, zip_rows,
+                                                                      grid_rows):
     swept = {**zrow, **grow}
     overrides = {**row_flags, **swept}
     if row_name is not None and not swept:
@@ -199,27 +200,31 @@ def expand(spec: dict[str, Any], root: str = "ROOT") -> list[dict[str, Any]]:
       raise SpecError(f"two runs are both named {name!r} ({seen[name]} and {overrides});"
                       " make \"name_template\" use every grid/zip flag")
     seen[name] = overrides
-    flags = [f"--flagfile={base}", *common_args,
+    flags = [f"--flagfile={row_base or base}", *common_args,
              *(flag_arg(k, v) for k, v in overrides.items())]
     runs.append({"name": name, "overrides": overrides, "flags": flags})
   return runs
 
 
-def _named_rows(spec: dict, swept: set[str]) -> list[tuple[Optional[str], dict[str, Any]]]:
-  """[(name, {flag: value})] of "runs", or [(None, {})] without it."""
+def _named_rows(spec: dict, swept: set[str]
+                ) -> list[tuple[Optional[str], dict[str, Any], Optional[str]]]:
+  """[(name, {flag: value}, base_flagfile or None)] of "runs", or [(None, {}, None)]."""
   rows = spec.get("runs")
   if rows is None:
-    return [(None, {})]
+    return [(None, {}, None)]
   if not isinstance(rows, list) or not rows:
     raise SpecError('"runs" must be a non-empty list of {"name": ..., "flags": {...}} objects')
   out = []
   for i, row in enumerate(rows):
     if not isinstance(row, dict) or not isinstance(row.get("name"), str) or not row["name"]:
       raise SpecError(f'"runs"[{i}] must be an object with a "name" string')
-    extra_keys = sorted(set(row) - {"name", "flags", "note"})
+    extra_keys = sorted(set(row) - {"name", "flags", "base_flagfile", "note"})
     if extra_keys:
-      raise SpecError(f'"runs"[{i}] ({row["name"]}): unknown key {extra_keys[0]!r};'
-                      ' a row has "name", "flags" and an optional "note"')
+      raise SpecError(f'"runs"[{i}] ({row["name"]}): unknown key {extra_keys[0]!r}; a row has'
+                      ' "name", "flags" and optional "base_flagfile" and "note"')
+    row_base = row.get("base_flagfile")
+    if row_base is not None and (not isinstance(row_base, str) or not row_base):
+      raise SpecError(f'"runs"[{i}] ({row["name"]}): "base_flagfile" must be a path string')
     flags = row.get("flags") or {}
     if not isinstance(flags, dict):
       raise SpecError(f'"runs"[{i}] ({row["name"]}): "flags" must be an object of flag -> value')
@@ -230,7 +235,7 @@ def _named_rows(spec: dict, swept: set[str]) -> list[tuple[Optional[str], dict[s
       if flag in swept:
         raise SpecError(f'"runs"[{i}] ({row["name"]}): {flag!r} is also in "grid" or "zip"')
       flag_arg(flag, value)  # type check
-    out.append((row["name"], flags))
+    out.append((row["name"], flags, row_base))
   return out
 
 
@@ -260,11 +265,11 @@ def validate(runs: list[dict], extra: list[str]) -> None:
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
   from transformer import config as config_lib  # pylint: disable=g-import-not-at-top
   with _cwd(REPO):
-    base = runs[0]["flags"][0].split("=", 1)[1] if runs else ""
-    if base and not os.path.isfile(base):
-      raise SpecError(f'"base_flagfile" {base} does not exist (paths are relative to the'
-                      f" repository root {REPO})")
     for run in runs:
+      base = run["flags"][0].split("=", 1)[1]
+      if not os.path.isfile(base):
+        raise SpecError(f'"base_flagfile" {base} does not exist (paths are relative to the'
+                        f" repository root {REPO})")
       try:
         config_lib.from_args(run["flags"] + extra)
       except (absl_flags.Error, config_lib.ConfigError, ValueError, OSError) as e:

@@ -67,7 +67,10 @@ def test_d_k_d_v_override_divisibility():
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "experiments/paper/table3/*.flags"))),
                          ids=os.path.basename)
 def test_table3_rows_parameter_count(path):
-  cfg = config_lib.from_args([f"--flagfile={path}"]).model
+  full = config_lib.from_args([f"--flagfile={path}"])
+  # Table 3: newstest2013 (TFDS validation), no checkpoint averaging.
+  assert (full.data.test_split, full.decode.num_average) == ("validation", 1)
+  cfg = full.model
   assert cfg.num_encoder_layers == cfg.num_decoder_layers
   want = closed_form_params(V=cfg.vocab_size, N=cfg.num_encoder_layers, d=cfg.d_model,
                             h=cfg.num_heads, d_k=cfg.head_dim_k, d_v=cfg.head_dim_v, d_ff=cfg.d_ff)

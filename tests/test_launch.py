@@ -429,3 +429,21 @@ def test_local_sh_dry_run_trains_averages_evaluates(tmp_path):
   r = subprocess.run(["bash", os.path.join(REPO, "launch", "local.sh"), "only-one-arg"],
                      capture_output=True, text=True, timeout=60)
   assert r.returncode == 2 and "usage:" in r.stderr
+
+
+def test_table3_paper_sweep_runs_each_row_from_its_own_flag_file():
+  spec = sweep.load_spec(os.path.join(REPO, "experiments", "sweeps", "table3_paper.json"))
+  runs = sweep.expand(spec)
+  assert len(runs) == 20
+  assert runs[1]["name"] == "a_h1"
+  assert runs[1]["flags"] == ["--flagfile=experiments/paper/table3/a_h1.flags"]
+  sweep.validate(runs, [])  # every row's flag file parses into a valid config
+  from transformer import config  # pylint: disable=g-import-not-at-top
+  cwd = os.getcwd()
+  os.chdir(REPO)
+  try:
+    big = config.from_args(runs[-1]["flags"])
+  finally:
+    os.chdir(cwd)
+  assert (big.model.d_model, big.model.num_heads, big.model.dropout_rate) == (1024, 16, 0.3)
+  assert (big.data.test_split, big.decode.num_average) == ("validation", 1)
