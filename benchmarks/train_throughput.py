@@ -38,6 +38,7 @@ flags.DEFINE_integer("warmup", 3, "Untimed steps (compilation).")
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_string("mesh", "data:-1", "Mesh spec.")
 flags.DEFINE_bool("remat", False, "Rematerialise layers.")
+flags.DEFINE_bool("scan_layers", False, "One nn.scan over the layers of each stack.")
 flags.DEFINE_integer("batch", 0, "Sentences per step (0: the config's).")
 flags.DEFINE_integer("length", 0, "Tokens per source and per target sentence (0: the config's).")
 flags.DEFINE_bool("measure_peak", True, "Also measure the matmul peak (a few seconds).")
@@ -81,10 +82,12 @@ def measure_peak(dtype, n: int = 2048, reps: int = 5) -> float:
 
 
 def run(config: str, dtype: str, attention_impl: str, warmup: int, steps: int, mesh_spec: str,
-        remat: bool = False, batch: int = 0, length: int = 0, with_peak: bool = True) -> dict:
+        remat: bool = False, batch: int = 0, length: int = 0, with_peak: bool = True,
+        scan_layers: bool = False) -> dict:
   model_cfg, default_batch, default_length = CONFIGS[config]
   batch, length = batch or default_batch, length or default_length
-  model_cfg = dataclasses.replace(model_cfg, dtype=dtype, attention_impl=attention_impl, remat=remat)
+  model_cfg = dataclasses.replace(model_cfg, dtype=dtype, attention_impl=attention_impl, remat=remat,
+                                  scan_layers=scan_layers)
   mesh = sharding.make_mesh(mesh_spec)
   trainer = Trainer(model_cfg, TrainConfig(), mesh)
   state = trainer.init_state(0)
@@ -105,7 +108,7 @@ def run(config: str, dtype: str, attention_impl: str, warmup: int, steps: int, m
   peak = measure_peak(jnp.dtype(dtype)) if with_peak else None
   achieved = flops / step_time / 1e9
   return {"benchmark": "train_throughput", "config": config, "dtype": dtype,
-          "attention_impl": attention_impl, "remat": remat, "batch": batch, "length": length,
+          "attention_impl": attention_impl, "remat": remat, "scan_layers": scan_layers, "batch": batch, "length": length,
           "params": count_params(state.params), "devices": jax.device_count(),
           "median_step_s": step_time, "step_times_s": [round(t, 4) for t in times],
           "source_tokens_per_s": batch * length / step_time,
@@ -120,7 +123,7 @@ def main(_):
     sys.exit(2)
   print(json.dumps(run(FLAGS.config, FLAGS.dtype, FLAGS.attention_impl, FLAGS.warmup, FLAGS.steps,
                        FLAGS.mesh, FLAGS.remat, FLAGS.batch, FLAGS.length,
-                       FLAGS.measure_peak)))
+                       FLAGS.measure_peak, FLAGS.scan_layers)))
 
 
 if __name__ == "__main__":

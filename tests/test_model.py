@@ -189,3 +189,44 @@ def test_param_count_matches_closed_form_for_odd_shapes():
   cfg = ModelConfig(vocab_size=101, d_model=24, d_ff=40, num_heads=3, d_k=5, d_v=9,
                     num_encoder_layers=3, num_decoder_layers=3)
   assert count_shapes(cfg) == closed_form_params(101, 3, 24, 3, 5, 9, 40)
+
+
+def _stack_layers(params):
+  """Loop parameters (layer_0..layer_{N-1}) -> --scan_layers parameters ('layers', [N, ...])."""
+  out = {}
+  for stack, sub in params.items():
+    if stack not in ("encoder", "decoder"):
+      out[stack] = sub
+      continue
+    names = sorted((k for k in sub if k.startswith("layer_")), key=lambda k: int(k[6:]))
+    out[stack] = {k: v for k, v in sub.items() if not k.startswith("layer_")}
+    out[stack]["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[sub[k] for k in names])
+  return out
+
+
+def test_scan_over_layers_equals_the_layer_loop():
+  import dataclasses
+  from transformer import decode
+  cfg = ModelConfig(vocab_size=50, d_model=16, d_ff=32, num_heads=2, num_encoder_layers=3,
+                    num_decoder_layers=2, dropout_rate=0.0)
+  scan_cfg = dataclasses.replace(cfg, scan_layers=True)
+  rng = np.random.RandomState(0)
+  src = jnp.asarray(rng.randint(4, 50, (3, 7)))
+  tgt = jnp.asarray(rng.randint(4, 50, (3, 5)))
+  params = Transformer(cfg).init(jax.random.PRNGKey(0), src, tgt)["params"]
+  params = jax.tree.map(lambda x: x * 3.0, nn.unbox(params))  # peaked, distinct layers
+  stacked = _stack_layers(params)
+  # Same shapes as scan's own init (and so the same parameter count).
+  own = nn.unbox(Transformer(scan_cfg).init(jax.random.PRNGKey(0), src, tgt)["params"])
+  assert jax.tree.map(jnp.shape, own) == jax.tree.map(jnp.shape, stacked)
+  assert count_shapes(scan_cfg) == count_shapes(cfg)
+  assert own["decoder"]["layers"]["ffn"]["wi"]["kernel"].shape == (2, 16, 32)
+  want = Transformer(cfg).apply({"params": params}, src, tgt)
+  got = Transformer(scan_cfg).apply({"params": stacked}, src, tgt)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  # Beam search over the stacked KV cache gives the same hypotheses and scores.
+  kw = dict(beam_size=3, alpha=0.6, max_decode_len_offset=4)
+  seqs, scores = decode.beam_search(params, src, model_cfg=cfg, **kw)
+  scan_seqs, scan_scores = decode.beam_search(stacked, src, model_cfg=scan_cfg, **kw)
+  np.testing.assert_array_equal(np.asarray(scan_seqs), np.asarray(seqs))
+  np.testing.assert_allclose(np.asarray(scan_scores), np.asarray(scores), rtol=1e-5, atol=1e-5)

@@ -197,6 +197,9 @@ def test_resume_mismatch_and_missing_checkpoint(tmp_path, multi30k_dir, shared_r
   assert lines[-1].startswith("error: checkpoint 16") and "d_model=32" in lines[-1], lines[-1]
   lines = _bad(shared_run, multi30k_dir, "--num_train_steps=20", "--vocab_size=500")
   assert "vocab_size=400" in lines[-1], lines[-1]
+  # Written without --scan_layers: another parameter layout, refused like another shape.
+  lines = _bad(shared_run, multi30k_dir, "--num_train_steps=20", "--scan_layers")
+  assert "scan_layers=False but this run has scan_layers=True" in lines[-1], lines[-1]
   fresh = tmp_path / "empty"
   fresh.mkdir()
   for mode in ("evaluate", "translate"):

@@ -127,3 +127,30 @@ def test_beam_search_sharded_equals_single_device():
   for seqs, scores in outs[1:]:
     np.testing.assert_array_equal(seqs, outs[0][0])
     np.testing.assert_allclose(scores, outs[0][1], atol=1e-4)
+
+
+def test_scan_over_layers_shards_the_stacked_parameters_and_matches_one_device():
+  """--scan_layers: stacked parameters [N, ...] keep their per-layer sharding (the 'layers'
+  axis is replicated) and 2 steps on data2 x fsdp2 x tensor2 equal 2 steps on one device."""
+  import dataclasses
+  cfg = dataclasses.replace(CFG, scan_layers=True)
+  def run(mesh):
+    tr = Trainer(cfg, TCFG, mesh)
+    state = tr.init_state(0)
+    losses = []
+    for b in _batches(2):
+      state, m = tr.train_step(state, sharding.global_batch(b, mesh))
+      losses.append(float(m["loss_sum"] / m["tokens"]))
+    return state, losses
+  one_state, one_losses = run(sharding.make_mesh("data:1", jax.devices()[:1]))
+  state, losses = run(sharding.make_mesh("data:2,fsdp:2,tensor:2", jax.devices()))
+  attn = state.params["encoder"]["layers"]["self_attention"]
+  assert attn["query"].shape == (2, 32, 8, 4)
+  assert attn["query"].sharding.spec == P(None, "fsdp", "tensor", None)  # (layers, embed, heads, kv)
+  assert state.params["decoder"]["layers"]["ffn"]["wo"]["kernel"].sharding.spec == P(
+      None, "tensor", "fsdp")
+  assert state.opt_state[0].mu["encoder"]["layers"]["self_attention"]["query"].sharding.spec == (
+      P(None, "fsdp", "tensor", None))
+  np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one_state.params), jax.tree.leaves(state.params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=2e-6)

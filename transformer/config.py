@@ -49,6 +49,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   attention_impl: str = "xla"          # jax.nn.dot_product_attention: xla (CPU/TPU) | cudnn (GPU) | einsum
   remat: bool = False
+  scan_layers: bool = False            # one nn.scan over the N layers (params [N, ...]): compiles once
   decode: bool = False                 # autoregressive mode with a KV cache
 
   @property
@@ -227,6 +228,9 @@ _HELP = {
     "attention_impl": "xla | cudnn: jax.nn.dot_product_attention; einsum: the plain reference"
                       " (always used with attention dropout or d_k != d_v).",
     "remat": "Rematerialise each layer in the backward pass.",
+    "scan_layers": "Run the N layers of each stack as one nn.scan (parameters stacked on a"
+                   " leading 'layers' axis): compile time independent of N. Checkpoints are"
+                   " not interchangeable with --noscan_layers.",
     "decode": "Internal: build the autoregressive decoder (set by the code).",
     "task": "translation (BLEU) | parsing (EVALB F1, section 6.3).",
     "dataset": "multi30k | parallel_text | wmt14_translate/de-en | wmt14_translate/fr-en |"

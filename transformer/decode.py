@@ -50,14 +50,22 @@ def _unflat(x, batch):  # [batch * beam, ...] -> [batch, beam, ...]
 
 
 def _gather_beams(cache, beam_indices, batch):
-  """Reorders cache leaves [batch * beam, ...] by beam_indices [batch, beam]."""
+  """Reorders cache leaves [batch * beam, ...] by beam_indices [batch, beam].
+
+  Leaves under --scan_layers' 'layers' have a leading [num_layers] axis ([N, batch * beam,
+  ...]; their cache indices [N]); scalars are cache indices shared by all beams.
+  """
   def gather(x):
-    if x.ndim == 0:  # cache indices are shared by all beams
-      return x
     y = _unflat(x, batch)
     idx = beam_indices.reshape(beam_indices.shape + (1,) * (y.ndim - 2))
     return _flat(jnp.take_along_axis(y, idx, axis=1))
-  return jax.tree.map(gather, cache)
+
+  def leaf(path, x):
+    stacked = any(getattr(k, "key", None) == "layers" for k in path)
+    if x.ndim == int(stacked):
+      return x
+    return jax.vmap(gather)(x) if stacked else gather(x)
+  return jax.tree_util.tree_map_with_path(leaf, cache)
 
 
 def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size: int,

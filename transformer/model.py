@@ -292,6 +292,7 @@ class EncoderLayer(nn.Module):
   """Self-attention sublayer, then feed-forward sublayer."""
   config: ModelConfig
   sow_weights: bool = False
+  scanned: bool = False  # body of nn.scan: returns (x, None)
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
@@ -301,13 +302,15 @@ class EncoderLayer(nn.Module):
         x, lambda y: attn(y, y, mask, deterministic), deterministic)
     ffn = FeedForward(cfg, name="ffn")
     x = Sublayer(cfg, name="ffn_block")(x, lambda y: ffn(y, deterministic), deterministic)
-    return _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+    x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+    return (x, None) if self.scanned else x
 
 
 class DecoderLayer(nn.Module):
   """Masked self-attention, encoder-decoder attention, feed-forward; each a sublayer."""
   config: ModelConfig
   sow_weights: bool = False
+  scanned: bool = False  # body of nn.scan: returns (x, None)
 
   @nn.compact
   def __call__(self, x: Array, encoded: Array, self_mask: Optional[Array],
@@ -322,7 +325,8 @@ class DecoderLayer(nn.Module):
         x, lambda y: cross_attn(y, encoded, cross_mask, deterministic), deterministic)
     ffn = FeedForward(cfg, name="ffn")
     x = Sublayer(cfg, name="ffn_block")(x, lambda y: ffn(y, deterministic), deterministic)
-    return _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+    x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+    return (x, None) if self.scanned else x
 
 
 def _final_norm(cfg: ModelConfig, name: str):
@@ -341,6 +345,26 @@ def _layer_cls(cls, cfg: ModelConfig, deterministic_argnum: int):
   return cls
 
 
+def _layer_stack(cls, cfg: ModelConfig, num_layers: int, deterministic_argnum: int,
+                 sow_weights: bool):
+  """`x = stack(x, *args)`: N layers as a Python loop (params layer_0..layer_{N-1}) or, with
+  --scan_layers, one nn.scan (params 'layers' stacked [N, ...], logical axis 'layers'; the
+  decoding cache is stacked the same way). Other arguments are broadcast to every layer."""
+  layer = _layer_cls(cls, cfg, deterministic_argnum)
+  if not cfg.scan_layers:
+    def loop(x, *args):
+      for i in range(num_layers):
+        x = layer(cfg, sow_weights=sow_weights, name=f"layer_{i}")(x, *args)
+      return x
+    return loop
+  stacked = nn.scan(layer, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast,) * (deterministic_argnum - 1), length=num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+  module = stacked(cfg, sow_weights=sow_weights, scanned=True, name="layers")
+  return lambda x, *args: module(x, *args)[0]
+
+
 class Encoder(nn.Module):
   """N encoder layers over (embedding * sqrt(d_model) + PE), with dropout on the sum."""
   config: ModelConfig
@@ -354,9 +378,8 @@ class Encoder(nn.Module):
     x = AddPositions(cfg, name="positions")(self.embed(inputs))
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     mask = (inputs != PAD_ID)[:, None, None, :]  # [batch, 1, 1, src_len]
-    layer = _layer_cls(EncoderLayer, cfg, 3)
-    for i in range(cfg.num_encoder_layers):
-      x = layer(cfg, sow_weights=self.sow_weights, name=f"layer_{i}")(x, mask, deterministic)
+    layers = _layer_stack(EncoderLayer, cfg, cfg.num_encoder_layers, 3, self.sow_weights)
+    x = layers(x, mask, deterministic)
     return _final_norm(cfg, "final_norm")(x)
 
 
@@ -380,10 +403,8 @@ class Decoder(nn.Module):
     else:
       tgt_len = decoder_inputs.shape[1]
       self_mask = jnp.tril(jnp.ones((tgt_len, tgt_len), bool))[None, None]  # [1,1,tgt,tgt]
-    layer = _layer_cls(DecoderLayer, cfg, 5)
-    for i in range(cfg.num_decoder_layers):
-      y = layer(cfg, sow_weights=self.sow_weights, name=f"layer_{i}")(
-          y, encoded, self_mask, cross_mask, deterministic)
+    layers = _layer_stack(DecoderLayer, cfg, cfg.num_decoder_layers, 5, self.sow_weights)
+    y = layers(y, encoded, self_mask, cross_mask, deterministic)
     y = _final_norm(cfg, "final_norm")(y)
     logits = self.output(y) if self.output is not None else self.embed.attend(y)
     logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))

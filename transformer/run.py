@@ -114,8 +114,10 @@ def _check_same_model(saved: dict, s: Setup, where: str) -> None:
   mine = dataclasses.asdict(s.model_cfg)
   keys = ("vocab_size", "target_vocab_size", "num_encoder_layers", "num_decoder_layers",
           "d_model", "d_ff", "num_heads", "d_k", "d_v", "positional_encoding", "max_len",
-          "share_embeddings", "pre_layer_norm", "param_dtype")
-  diff = [k for k in keys if saved["model"].get(k) != mine.get(k)]
+          "share_embeddings", "pre_layer_norm", "param_dtype", "scan_layers")
+  # A key missing from an older checkpoint had its default (e.g. scan_layers=False).
+  defaults = dataclasses.asdict(ModelConfig())
+  diff = [k for k in keys if saved["model"].get(k, defaults[k]) != mine.get(k)]
   vocab = saved.get("vocabulary", {})
   if vocab and vocab.get("requested_size") != s.cfg.model.vocab_size:
     raise ConfigError(f"{where} was written with vocab_size={vocab.get('requested_size')} but this"

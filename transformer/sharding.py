@@ -27,6 +27,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # activations the 'activation_' names, so that a parameter's 'embed' (split over
 # fsdp) never collides with an activation batch that is also split over fsdp.
 LOGICAL_RULES = (
+    ("layers", None),  # the stacked axis of --scan_layers parameters
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
