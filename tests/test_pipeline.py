@@ -258,3 +258,42 @@ def test_config_form_and_state_helpers(tokenized):
       pipeline.make_train_iterator(tokenized, cfg, batch_multiple=2))["index"])
   pipeline.restore_iterator(c, state)
   np.testing.assert_array_equal(next(c)["index"], expected)
+
+
+def _padded_cost(lengths, bounds):
+  bounds = np.sort(np.asarray(bounds))
+  return int(bounds[np.searchsorted(bounds, lengths, side="left")].sum())
+
+
+def test_auto_boundaries_by_hand_and_by_brute_force():
+  # Lengths 3,3,3,10,10,17 with 2 buckets (multiple 1): {10,17} pads to 5*10+17 = 67,
+  # {3,17} to 3*3+3*17 = 60 -> {3,17}; 3 buckets: {3,10,17} = 9+20+17 = 46.
+  lengths = np.array([3, 3, 3, 10, 10, 17])
+  np.testing.assert_array_equal(pipeline.auto_boundaries(lengths, 2, 1), [3, 17])
+  np.testing.assert_array_equal(pipeline.auto_boundaries(lengths, 3, 1), [3, 10, 17])
+  np.testing.assert_array_equal(pipeline.auto_boundaries(lengths, 9, 1), [3, 10, 17])  # <= K
+  # Multiple 8: lengths round up to 8, 16, 24 -> 2 buckets {8, 24} (3*8 + 3*24 = 96 < 5*16+24).
+  np.testing.assert_array_equal(pipeline.auto_boundaries(lengths, 2), [8, 24])
+  # Brute force over every subset of candidate lengths that contains the largest.
+  rng = np.random.RandomState(0)
+  for _ in range(20):
+    lengths = rng.geometric(0.08, size=200) + 1
+    cands = np.unique(-(-lengths // 4) * 4)
+    for k in (1, 2, 3, 4):
+      best = min(_padded_cost(lengths, (*subset, cands[-1]))
+                 for r in range(k) for subset in itertools.combinations(cands[:-1], r))
+      got = pipeline.auto_boundaries(lengths, k, 4)
+      assert len(got) <= k and got[-1] >= lengths.max() and np.all(got % 4 == 0)
+      assert _padded_cost(lengths, got) == best
+
+
+def test_auto_boundaries_through_the_plans(tokenized):
+  plan = pipeline.TrainBatchPlan(tokenized, "auto:4", TOKENS)
+  want = pipeline.auto_boundaries(tokenized.lengths, 4)
+  np.testing.assert_array_equal(plan.boundaries, want)
+  assert plan.num_too_long == 0 and len(plan.boundaries) <= 4
+  lengths, _ = pipeline.eval_batch_plan(tokenized, TOKENS, "auto:4:1")
+  assert set(lengths.tolist()) <= set(pipeline.auto_boundaries(tokenized.lengths, 4, 1).tolist())
+  for bad in ("auto", "auto:0", "auto:x", "auto:4:0", "auto:1:2:3"):
+    with pytest.raises(ValueError, match="Bad bucket boundaries"):
+      pipeline.TrainBatchPlan(tokenized, bad, TOKENS)

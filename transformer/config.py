@@ -254,7 +254,9 @@ _HELP = {
     "max_source_length": "Drop training pairs whose source is longer (tokens).",
     "max_target_length": "Drop training pairs whose target is longer (tokens).",
     "tokens_per_batch": "Approximate source (and target) tokens per global batch.",
-    "bucket_boundaries": "Comma-separated padded lengths of the bucket shapes.",
+    "bucket_boundaries": "Comma-separated padded lengths of the bucket shapes, or auto:K[:M]:"
+                         " the K lengths (multiples of M, default 8) that minimise padding on"
+                         " the split's length distribution.",
     "shuffle_seed": "Data order seed.", "eval_tokens_per_batch": "Tokens per eval batch.",
     "non_utf8": "Policy for undecodable bytes: replace | skip.",
     "seed": "Parameter init and dropout seed.", "num_train_steps": "Training steps.",

@@ -184,8 +184,8 @@ def _evalb_params(cfg: Config):
           else parsing.COLLINS_PARAMS)
 
 
-def _boundaries(cfg: Config) -> list[int]:
-  return [int(b) for b in cfg.data.bucket_boundaries.split(",") if b.strip()]
+def _boundaries(cfg: Config) -> str:
+  return cfg.data.bucket_boundaries  # '8,16,...' or 'auto:K[:M]' (pipeline.parse_boundaries)
 
 
 def _tokenize(s: Setup, split: str, train: bool):

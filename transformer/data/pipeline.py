@@ -182,8 +182,18 @@ def tokenize_split(source: Sequence[dict[str, Any]], tokenizer,
 # Buckets.
 
 
-def parse_boundaries(boundaries: Boundaries) -> np.ndarray:
-  """'8,16,32' or [8, 16, 32] -> sorted unique int64 array of positive ints."""
+def parse_boundaries(boundaries: Boundaries,
+                     lengths: Optional[np.ndarray] = None) -> np.ndarray:
+  """'8,16,32' or [8, 16, 32] -> sorted unique int64 array of positive ints.
+
+  'auto:K' (or 'auto:K:M'): the K bucket lengths, multiples of M (default 8), that minimise
+  the padded tokens of `lengths` (the pairs' max(source, target) lengths), see `auto_boundaries`.
+  """
+  if isinstance(boundaries, str) and boundaries.strip().startswith("auto"):
+    k, multiple = parse_auto(boundaries)
+    if lengths is None:
+      raise ValueError(f"Bucket boundaries {boundaries!r} need the lengths of the data")
+    return auto_boundaries(lengths, k, multiple)
   if isinstance(boundaries, str):
     try:
       values = [int(b) for b in boundaries.split(",") if b.strip()]
@@ -194,6 +204,52 @@ def parse_boundaries(boundaries: Boundaries) -> np.ndarray:
   if not values or min(values) <= 0:
     raise ValueError(f"Bucket boundaries must be positive ints, got {boundaries!r}")
   return np.unique(np.asarray(values, dtype=np.int64))
+
+
+def parse_auto(spec: str) -> tuple[int, int]:
+  """'auto:K' -> (K, 8); 'auto:K:M' -> (K, M)."""
+  parts = spec.strip().split(":")
+  try:
+    if parts[0] != "auto" or len(parts) not in (2, 3):
+      raise ValueError
+    k, multiple = int(parts[1]), int(parts[2]) if len(parts) == 3 else 8
+  except ValueError:
+    raise ValueError(f"Bad bucket boundaries {spec!r}: expected e.g. 8,16,32 or auto:K or"
+                     " auto:K:M (K buckets, lengths multiples of M)") from None
+  if k <= 0 or multiple <= 0:
+    raise ValueError(f"Bad bucket boundaries {spec!r}: K and M must be positive")
+  return k, multiple
+
+
+def auto_boundaries(lengths: np.ndarray, k: int, multiple: int = 8) -> np.ndarray:
+  """At most k bucket lengths (multiples of `multiple`, the last >= max(lengths)) minimising
+  the padded length summed over examples, sum_i boundary(i): exact dynamic programme over the
+  candidate lengths (O(k * c^2) for c candidates, c <= max length / multiple)."""
+  lengths = np.asarray(lengths, dtype=np.int64)
+  if not len(lengths):
+    raise ValueError("auto bucket boundaries: no lengths")
+  rounded = -(-np.maximum(lengths, 1) // multiple) * multiple
+  cands, counts = np.unique(rounded, return_counts=True)  # each example fits its own candidate
+  c = len(cands)
+  cum = np.concatenate([[0], np.cumsum(counts)])  # examples in candidates [0, j)
+  # best[m][j]: min cost of covering candidates [0, j) with m buckets, the last ending at j-1.
+  inf = np.iinfo(np.int64).max // 4
+  best = np.full((k + 1, c + 1), inf, dtype=np.int64)
+  back = np.zeros((k + 1, c + 1), dtype=np.int64)
+  best[0, 0] = 0
+  for m in range(1, k + 1):
+    for j in range(1, c + 1):
+      # Last bucket covers candidates [i, j) with boundary cands[j-1].
+      costs = best[m - 1, :j] + (cum[j] - cum[:j]) * cands[j - 1]
+      i = int(np.argmin(costs))
+      best[m, j], back[m, j] = costs[i], i
+  m = int(np.argmin(best[1:, c])) + 1  # fewest buckets reaching the optimum
+  out, j = [], c
+  while j > 0:
+    out.append(int(cands[j - 1]))
+    j = int(back[m, j])
+    m -= 1
+  return np.asarray(sorted(out), dtype=np.int64)
 
 
 def bucket_batch_size(length: int, tokens_per_batch: int, batch_multiple: int) -> int:
@@ -270,7 +326,7 @@ class TrainBatchPlan:
     _check_batching_args(tokens_per_batch, batch_multiple, 0, 1)
     if shuffle_seed < 0:
       raise ValueError(f"shuffle_seed must be >= 0, got {shuffle_seed}")
-    self.boundaries = parse_boundaries(boundaries)
+    self.boundaries = parse_boundaries(boundaries, tokenized.lengths)
     self.tokens_per_batch = tokens_per_batch
     self.batch_multiple = batch_multiple
     self.shuffle_seed = shuffle_seed
@@ -485,7 +541,7 @@ def eval_batch_plan(tokenized: TokenizedSplit, tokens_per_batch: int,
   rounded up to a multiple of 8.
   """
   _check_batching_args(tokens_per_batch, batch_multiple, 0, 1)
-  bounds = parse_boundaries(boundaries)
+  bounds = parse_boundaries(boundaries, tokenized.lengths)
   lengths = tokenized.lengths.astype(np.int64)
   bucket = np.searchsorted(bounds, lengths, side="left")
   padded = np.where(bucket < len(bounds), bounds[np.minimum(bucket, len(bounds) - 1)],
