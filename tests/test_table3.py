@@ -90,6 +90,12 @@ def test_verdicts_follow_the_numbers():
   ours["d_ls0"]["bleu"] = 31.0
   assert _verdict(table3.verdicts(ours, noise), "(D, section 5.4)") == (
       "half held (perplexity only)")
+  # Both gaps within the noise -> inconclusive; both the other way -> did not hold.
+  ours["d_ls0"].update(ppl=10.05, bleu=30.1)
+  assert _verdict(table3.verdicts(ours, noise), "(D, section 5.4)") == (
+      "inconclusive (within seed noise)")
+  ours["d_ls0"].update(ppl=11.0, bleu=31.0)  # smoothing lowered PPL and BLEU
+  assert _verdict(table3.verdicts(ours, noise), "(D, section 5.4)") == "did not hold"
 
 
 def test_report_of_a_hand_made_sweep(tmp_path, capsys):
