@@ -123,14 +123,19 @@ def load_spec(path: str) -> dict[str, Any]:
   return spec
 
 
+def _check_flag_name(where: str, flag: str) -> None:
+  """A spec's flag is written without dashes and is not one the launcher sets."""
+  if flag.startswith("-") or flag in _RESERVED:
+    raise SpecError(f"{where}: {flag!r} is not allowed (write flag names without dashes;"
+                    f" {', '.join(_RESERVED)} are set by the launcher)")
+
+
 def _check_overrides(spec: dict, key: str) -> dict[str, list]:
   table = spec.get(key) or {}
   if not isinstance(table, dict):
     raise SpecError(f'"{key}" must be an object of flag -> list of values')
   for flag, values in table.items():
-    if flag.startswith("-") or flag in _RESERVED:
-      raise SpecError(f'"{key}": {flag!r} is not allowed (write flag names without dashes;'
-                      f" {', '.join(_RESERVED)} are set by the launcher)")
+    _check_flag_name(f'"{key}"', flag)
     if not isinstance(values, list) or not values:
       raise SpecError(f'"{key}": {flag!r} needs a non-empty list of values')
     for v in values:
@@ -153,9 +158,7 @@ def expand(spec: dict[str, Any], root: str = "ROOT") -> list[dict[str, Any]]:
   if not isinstance(common, dict):
     raise SpecError('"flags" must be an object of flag -> value')
   for flag in common:
-    if flag.startswith("-") or flag in _RESERVED:
-      raise SpecError(f'"flags": {flag!r} is not allowed (write flag names without dashes;'
-                      f" {', '.join(_RESERVED)} are set by the launcher)")
+    _check_flag_name('"flags"', flag)
   common_args = [flag_arg(k, v.replace("{root}", root) if isinstance(v, str) else v)
                  for k, v in common.items()]
   grid = _check_overrides(spec, "grid")
@@ -229,9 +232,7 @@ def _named_rows(spec: dict, swept: set[str]
     if not isinstance(flags, dict):
       raise SpecError(f'"runs"[{i}] ({row["name"]}): "flags" must be an object of flag -> value')
     for flag, value in flags.items():
-      if flag.startswith("-") or flag in _RESERVED:
-        raise SpecError(f'"runs"[{i}] ({row["name"]}): {flag!r} is not allowed (write flag names'
-                        f" without dashes; {', '.join(_RESERVED)} are set by the launcher)")
+      _check_flag_name(f'"runs"[{i}] ({row["name"]})', flag)
       if flag in swept:
         raise SpecError(f'"runs"[{i}] ({row["name"]}): {flag!r} is also in "grid" or "zip"')
       flag_arg(flag, value)  # type check
