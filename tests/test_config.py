@@ -53,6 +53,7 @@ def test_table2_recipe_values():
     (["--beam_size=0"], "--beam_size must be positive"),
     (["--alpha=-1"], "--alpha must be >= 0"),
     (["--source_lang=en", "--target_lang=en"], "must differ"),
+    (["--spm_model_type=wordpiece"], "--spm_model_type must be one of"),
 ])
 def test_invalid_values_are_rejected(args, message):
   with pytest.raises(config_lib.ConfigError, match=message):

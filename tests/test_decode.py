@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from transformer import decode
 from transformer.config import BOS_ID, EOS_ID, ModelConfig
@@ -90,6 +91,36 @@ def test_cached_decoding_equals_full_forward_pass():
     cache = v["cache"]
     steps.append(np.asarray(logits[:, 0]))
   np.testing.assert_allclose(np.stack(steps, 1), np.asarray(full), atol=1e-4)
+
+
+def test_cross_attention_cache_and_beam_rows_equal_full_forward_pass():
+  """Beam layout: r = 3 decoder rows per sentence against one copy of the encoder output;
+  only the first step passes `encoded` (projected into the cross-attention cache), the later
+  steps pass None and read it back. Every row must match the uncached teacher-forced pass."""
+  m, params = _params(scale=1.0)
+  dm = Transformer(dataclasses.replace(CFG, decode=True))
+  inputs = jnp.array([[4, 5, 1, 0], [5, 1, 0, 0]], jnp.int32)
+  targets = jnp.array([[4, 5, 3, 1], [5, 4, 1, 0]], jnp.int32)
+  full = np.asarray(m.apply({"params": params}, inputs, targets))  # [2, 4, vocab]
+  encoded = m.apply({"params": params}, inputs, method=Transformer.encode)
+  r = 3
+  rows = np.repeat(np.asarray(targets), r, axis=0)  # [6, 4], sentence-major
+  cache = dm.init(jax.random.PRNGKey(0), encoded, inputs, jnp.zeros((2 * r, 4), jnp.int32),
+                  method=Transformer.decode)["cache"]
+  dec_in = np.concatenate([np.full((2 * r, 1), BOS_ID), rows[:, :-1]], 1)
+  steps = []
+  for t in range(4):
+    logits, v = dm.apply({"params": params, "cache": cache}, encoded if t == 0 else None,
+                         inputs, jnp.asarray(dec_in[:, t:t + 1]), method=Transformer.decode,
+                         mutable=["cache"])
+    cache = v["cache"]
+    steps.append(np.asarray(logits[:, 0]))
+  cross = cache["decoder"]["layer_0"]["cross_attention"]["cross_key"]  # [2, heads, 4, d_k]
+  assert cross.shape[0] == 2  # one copy per sentence, not per beam row
+  np.testing.assert_allclose(np.stack(steps, 1), np.repeat(full, r, axis=0), atol=1e-4)
+  with pytest.raises(ValueError, match="multiple"):
+    dm.apply({"params": params, "cache": cache}, None, inputs, jnp.zeros((5, 1), jnp.int32),
+             method=Transformer.decode, mutable=["cache"])
 
 
 def test_length_penalty_formula():

@@ -226,7 +226,8 @@ _HELP = {
     "layer_norm_epsilon": "LayerNorm epsilon.", "dtype": "Compute dtype (float32|bfloat16).",
     "param_dtype": "Parameter dtype.",
     "attention_impl": "xla | cudnn: jax.nn.dot_product_attention; einsum: the plain reference"
-                      " (always used with attention dropout or d_k != d_v).",
+                      " (always used with attention dropout or d_k != d_v). Encoder and"
+                      " training only: cached decoding has its own head-major einsum.",
     "remat": "Rematerialise each layer in the backward pass.",
     "scan_layers": "Run the N layers of each stack as one nn.scan (parameters stacked on a"
                    " leading 'layers' axis): compile time independent of N. Checkpoints are"
@@ -242,7 +243,9 @@ _HELP = {
     "train_split": "Training split.", "eval_split": "Dev split for periodic evaluation.",
     "test_split": "Split scored by --mode=evaluate.",
     "parallel_text_splits": "For dataset=parallel_text: 'train=/p/train,validation=/p/dev' prefixes.",
-    "spm_model_type": "SentencePiece model type (bpe|unigram).",
+    "spm_model_type": "SentencePiece model type: bpe (paper) | unigram | word (whole"
+                      " whitespace-separated words, rarer ones UNK: parsing, where each source"
+                      " token then matches one XX of the target) | char.",
     "spm_character_coverage": "SentencePiece character coverage.",
     "spm_max_sentences": "Sentences sampled to train SentencePiece.",
     "spm_split_by_unicode_script": "SentencePiece splits letters from punctuation (off for"
@@ -313,6 +316,9 @@ def from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Config:
     raise ConfigError(f"--task must be translation or parsing, got {cfg.data.task!r}")
   if cfg.data.tokens_per_batch <= 0:
     raise ConfigError(f"--tokens_per_batch must be positive, got {cfg.data.tokens_per_batch}")
+  if cfg.data.spm_model_type not in ("bpe", "unigram", "word", "char"):
+    raise ConfigError("--spm_model_type must be one of bpe, unigram, word, char, got"
+                      f" {cfg.data.spm_model_type!r}")
   if cfg.data.source_lang == cfg.data.target_lang:
     raise ConfigError("--source_lang and --target_lang must differ")
   return cfg

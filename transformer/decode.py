@@ -53,17 +53,22 @@ def _gather_beams(cache, beam_indices, batch):
   """Reorders cache leaves [batch * beam, ...] by beam_indices [batch, beam].
 
   Leaves under --scan_layers' 'layers' have a leading [num_layers] axis ([N, batch * beam,
-  ...]; their cache indices [N]); scalars are cache indices shared by all beams.
+  ...]; their cache indices [N]); scalars are cache indices shared by all beams; the
+  cross-attention keys/values ([batch, src_len, ...]) belong to the sentence, not a beam.
   """
+  # Row i * beam + j of the new cache is row i * beam + beam_indices[i, j] of the old one:
+  # one gather of whole rows (contiguous [heads, max_len, d] blocks).
+  beam = beam_indices.shape[1]
+  rows = (jnp.arange(batch)[:, None] * beam + beam_indices).reshape(-1)  # [batch * beam]
+
   def gather(x):
-    y = _unflat(x, batch)
-    idx = beam_indices.reshape(beam_indices.shape + (1,) * (y.ndim - 2))
-    return _flat(jnp.take_along_axis(y, idx, axis=1))
+    return jnp.take(x, rows, axis=0, mode="clip")
 
   def leaf(path, x):
-    stacked = any(getattr(k, "key", None) == "layers" for k in path)
-    if x.ndim == int(stacked):
-      return x
+    names = [getattr(k, "key", None) for k in path]
+    stacked = "layers" in names
+    if x.ndim == int(stacked) or names[-1] in ("cross_key", "cross_value"):
+      return x  # cache indices; encoder keys/values are per sentence, shared by its beams
     return jax.vmap(gather)(x) if stacked else gather(x)
   return jax.tree_util.tree_map_with_path(leaf, cache)
 
@@ -86,12 +91,11 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
   model = Transformer(model_cfg)
   decoder = Transformer(dataclasses.replace(model_cfg, decode=True))
 
+  # [batch, src_len, d_model]: once per sentence. The decoder's beam rows [batch * beam]
+  # attend to it sentence by sentence (MultiHeadAttention's query-batch multiple).
   encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
-  # [batch * beam, src_len, d_model] and [batch * beam, src_len]
-  encoded = _flat(jnp.repeat(encoded[:, None], beam_size, axis=1))
-  beam_inputs = _flat(jnp.repeat(inputs[:, None], beam_size, axis=1))
   cache_shapes = jax.eval_shape(
-      lambda: decoder.init(jax.random.PRNGKey(0), encoded, beam_inputs,
+      lambda: decoder.init(jax.random.PRNGKey(0), encoded, inputs,
                            jnp.zeros((batch * beam_size, max_len), jnp.int32),
                            method=Transformer.decode))["cache"]
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
@@ -113,9 +117,10 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
     can_improve = ~jnp.all(s.finished_flags, axis=1) | (best_alive > worst_finished)
     return (s.i < max_len) & jnp.any(can_improve & (s.i < limits))
 
-  def step(s: BeamState):
+  def step(s: BeamState, encoded):
+    """One token for every beam; `encoded` fills the cross-attention cache (None: read it)."""
     tokens = _flat(jax.lax.dynamic_slice_in_dim(s.alive_seqs, s.i, 1, axis=2))  # [b*k, 1]
-    logits, new_vars = decoder.apply({"params": params, "cache": s.cache}, encoded, beam_inputs,
+    logits, new_vars = decoder.apply({"params": params, "cache": s.cache}, encoded, inputs,
                                      tokens, method=Transformer.decode, mutable=["cache"])
     log_probs = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32))  # [b*k, vocab]
     vocab = log_probs.shape[-1]
@@ -151,7 +156,10 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
         finished_flags=jnp.take_along_axis(all_flags, fin_pick, axis=1),
         cache=cache)
 
-  final = jax.lax.while_loop(not_done, step, init)
+  # The first step projects the encoder output into the cross-attention cache (every
+  # sentence needs at least one step: EOS); the loop's steps only read it.
+  first = step(init, encoded)
+  final = jax.lax.while_loop(not_done, lambda s: step(s, None), first)
   return final.finished_seqs[:, :, 1:], final.finished_scores
 
 

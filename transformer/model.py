@@ -79,14 +79,22 @@ class MultiHeadAttention(nn.Module):
 
   W^Q, W^K: [d_model, h, d_k]; W^V: [d_model, h, d_v]; W^O: [h, d_v, d_model]; no biases.
   With `decode=True` and `cache=True` (decoder self-attention) keys and values of
-  earlier steps are kept in the 'cache' collection: [batch, max_len, heads, d_k|d_v].
+  earlier steps are kept in the 'cache' collection: [batch, heads, max_len, d_k|d_v].
+  With `decode=True` and `cross_cache=True` (encoder-decoder attention) the projected
+  encoder keys and values are computed once, when `inputs_kv` is given, and read back from
+  'cache' when it is None: [kv_batch, heads, src_len, d_k|d_v].
+
+  The query batch may be a multiple r of the key/value batch (beam search: r beams per
+  sentence, rows sentence-major); then the r query rows of a sentence attend to its one
+  copy of the keys and values, so the encoder output is never repeated per beam.
   """
   config: ModelConfig
-  cache: bool = False  # only decoder self-attention caches
+  cache: bool = False        # decoder self-attention: cache keys/values step by step
+  cross_cache: bool = False  # encoder-decoder attention: cache the projected encoder output
   sow_weights: bool = False
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array],
+  def __call__(self, inputs_q: Array, inputs_kv: Optional[Array], mask: Optional[Array],
                deterministic: bool) -> Array:
     cfg = self.config
     h, d_k, d_v, d = cfg.num_heads, cfg.head_dim_k, cfg.head_dim_v, cfg.d_model
@@ -101,36 +109,85 @@ class MultiHeadAttention(nn.Module):
     w_v = weight("value", (d, h, d_v), ("embed", "heads", "kv"), 0, (1, 2))
     w_o = weight("out", (h, d_v, d), ("heads", "kv", "embed"), (0, 1), 2)
     inputs_q = inputs_q.astype(cfg.dtype)
-    inputs_kv = inputs_kv.astype(cfg.dtype)
     query = jnp.einsum("bld,dhk->blhk", inputs_q, w_q)
-    key = jnp.einsum("bld,dhk->blhk", inputs_kv, w_k)
-    value = jnp.einsum("bld,dhk->blhk", inputs_kv, w_v)
-    # query/key: [batch, length, heads, d_k]; value: [batch, length, heads, d_v]
+    # query: [batch, q_len, heads, d_k]
     query = _constrain(query, ("activation_batch", "activation_length", "activation_heads", None))
-    key = _constrain(key, ("activation_batch", "activation_length", "activation_heads", None))
-    value = _constrain(value, ("activation_batch", "activation_length", "activation_heads", None))
-
-    if cfg.decode and self.cache:
-      key, value, mask = self._update_cache(key, value, mask)
-
-    dropout_rng = None
-    if not deterministic and cfg.attention_dropout_rate > 0.0:
-      dropout_rng = self.make_rng("dropout")
-    if cfg.attention_impl in ("xla", "cudnn") and cfg.attention_dropout_rate == 0.0 and d_k == d_v:
-      out = jax.nn.dot_product_attention(query, key, value, mask=mask,
-                                         implementation=cfg.attention_impl)
+    if cfg.decode and (self.cache or self.cross_cache):
+      out = self._decode_attention(query, inputs_kv, w_k, w_v, mask)
     else:
-      out = dot_product_attention(query, key, value, mask, dropout_rng,
-                                  cfg.attention_dropout_rate, deterministic, dtype=cfg.dtype)
-    if self.sow_weights:  # for attention pictures; recomputed, not on the training path
-      logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / np.sqrt(d_k)
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min) if mask is not None else logits
-      self.sow("intermediates", "attention_weights", jax.nn.softmax(logits, axis=-1))
+      inputs_kv = inputs_kv.astype(cfg.dtype)
+      key = jnp.einsum("bld,dhk->blhk", inputs_kv, w_k)
+      value = jnp.einsum("bld,dhk->blhk", inputs_kv, w_v)
+      # key: [batch, kv_len, heads, d_k]; value: [batch, kv_len, heads, d_v]
+      key = _constrain(key, ("activation_batch", "activation_length", "activation_heads", None))
+      value = _constrain(value, ("activation_batch", "activation_length", "activation_heads", None))
+      dropout_rng = None
+      if not deterministic and cfg.attention_dropout_rate > 0.0:
+        dropout_rng = self.make_rng("dropout")
+      if (cfg.attention_impl in ("xla", "cudnn") and cfg.attention_dropout_rate == 0.0
+          and d_k == d_v):
+        out = jax.nn.dot_product_attention(query, key, value, mask=mask,
+                                           implementation=cfg.attention_impl)
+      else:
+        out = dot_product_attention(query, key, value, mask, dropout_rng,
+                                    cfg.attention_dropout_rate, deterministic, dtype=cfg.dtype)
+      if self.sow_weights:  # for attention pictures; recomputed, not on the training path
+        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / np.sqrt(d_k)
+        logits = (jnp.where(mask, logits, jnp.finfo(jnp.float32).min) if mask is not None
+                  else logits)
+        self.sow("intermediates", "attention_weights", jax.nn.softmax(logits, axis=-1))
     # out: [batch, q_len, heads, d_v] -> [batch, q_len, d_model]
     return jnp.einsum("blhk,hkd->bld", out, w_o)
 
+  def _cached_cross_kv(self):
+    """The encoder keys/values stored by an earlier call with `inputs_kv` (decode only)."""
+    if not (self.config.decode and self.cross_cache and self.has_variable("cache", "cross_key")):
+      raise ValueError("inputs_kv=None needs decode mode and a cache filled by a call with"
+                       " the encoder output")
+    return (self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value"))
+
+  def _decode_attention(self, query: Array, inputs_kv: Optional[Array], w_k: Array, w_v: Array,
+                        mask: Optional[Array]) -> Array:
+    """Attention while decoding (no dropout), with cached keys/values.
+
+    The caches are head-major, [kv_batch, heads, length, d_k|d_v]: the layout of a batched
+    matmul over (batch, heads), so a step reads them without transposing the whole cache.
+    The query batch may be r * kv_batch (r beams per sentence, sentence-major).
+    query: [batch, q_len, heads, d_k]. Returns [batch, q_len, heads, d_v].
+    """
+    cfg = self.config
+    names = ("activation_batch", "activation_heads", "activation_length", None)
+
+    def project(w):  # [kv_batch, kv_len, d_model] -> [kv_batch, heads, kv_len, d]
+      return _constrain(jnp.einsum("bld,dhk->bhlk", inputs_kv.astype(cfg.dtype), w), names)
+
+    if self.cross_cache:
+      if inputs_kv is None:
+        key, value = self._cached_cross_kv()
+      else:
+        key, value = project(w_k), project(w_v)
+        self.variable("cache", "cross_key", lambda: key).value = key
+        self.variable("cache", "cross_value", lambda: value).value = value
+    else:
+      key, value, mask = self._update_cache(project(w_k), project(w_v), mask)
+
+    q_batch, q_len = query.shape[:2]
+    kv_batch = key.shape[0]
+    r = q_batch // kv_batch
+    if r * kv_batch != q_batch:
+      raise ValueError(f"query batch {q_batch} is not a multiple of key batch {kv_batch}")
+    # [r * kv_batch, q_len, heads, d_k] -> [kv_batch, r * q_len, heads, d_k]
+    query = query.reshape((kv_batch, r * q_len) + query.shape[2:])
+    query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
+    logits = jnp.einsum("bqhd,bhkd->bhqk", query, key).astype(jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)  # [kv_batch, heads, r * q_len, kv_len]
+    out = jnp.einsum("bhqk,bhkd->bqhd", weights.astype(cfg.dtype), value)
+    return out.reshape((q_batch, q_len) + out.shape[2:])
+
   def _update_cache(self, key: Array, value: Array, mask: Optional[Array]):
-    """Writes this step's key/value at cache_index; returns all keys/values so far.
+    """Writes this step's key/value [batch, heads, 1, d] at cache_index; returns all so far.
 
     During `init` the cache is created with the full decode length of `key`.
     """
@@ -140,16 +197,23 @@ class MultiHeadAttention(nn.Module):
     cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if not initialized:
       return key, value, mask
-    batch, max_len = cached_key.value.shape[:2]
-    if key.shape[1] != 1:
+    max_len = cached_key.value.shape[2]
+    if key.shape[2] != 1:
       raise ValueError(f"decode step expects one token, got key shape {key.shape}")
     i = cache_index.value
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, i, 0, 0))
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, i, 0, 0))
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, 0, i, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, 0, i, 0))
     cache_index.value = i + 1
-    # The new query sees positions 0..i: [batch, 1, 1, max_len].
+    # The new query sees positions 0..i: [1, 1, 1, max_len].
     step_mask = (jnp.arange(max_len) <= i)[None, None, None, :]
     return cached_key.value, cached_value.value, step_mask
+
+  def _cached_cross_kv(self):
+    """The encoder keys/values stored by an earlier call with `inputs_kv` (decode only)."""
+    if not self.has_variable("cache", "cross_key"):
+      raise ValueError("inputs_kv=None needs a cross-attention cache filled by a decode call"
+                       " with the encoder output")
+    return (self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value"))
 
 
 # ----------------------------------------------------------------------------
@@ -320,7 +384,8 @@ class DecoderLayer(nn.Module):
                                    name="self_attention")
     x = Sublayer(cfg, name="self_attention_block")(
         x, lambda y: self_attn(y, y, self_mask, deterministic), deterministic)
-    cross_attn = MultiHeadAttention(cfg, sow_weights=self.sow_weights, name="cross_attention")
+    cross_attn = MultiHeadAttention(cfg, cross_cache=True, sow_weights=self.sow_weights,
+                                    name="cross_attention")
     x = Sublayer(cfg, name="cross_attention_block")(
         x, lambda y: cross_attn(y, encoded, cross_mask, deterministic), deterministic)
     ffn = FeedForward(cfg, name="ffn")
@@ -391,10 +456,13 @@ class Decoder(nn.Module):
   sow_weights: bool = False
 
   @nn.compact
-  def __call__(self, encoded: Array, inputs: Array, decoder_inputs: Array,
+  def __call__(self, encoded: Optional[Array], inputs: Array, decoder_inputs: Array,
                deterministic: bool) -> Array:
     cfg = self.config
-    # decoder_inputs: [batch, tgt_len] (BOS + shifted targets, or one token when decoding)
+    # encoded: [src_batch, src_len, d_model] (None when decoding: the cross-attention cache);
+    # inputs: [src_batch, src_len] source ids (for the padding mask);
+    # decoder_inputs: [batch, tgt_len] (BOS + shifted targets, or one token when decoding),
+    # batch = r * src_batch, r rows (beams) per source sentence, sentence-major.
     y = AddPositions(cfg, decode=cfg.decode, name="positions")(self.embed(decoder_inputs))
     y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     cross_mask = (inputs != PAD_ID)[:, None, None, :]  # [batch, 1, 1, src_len]
@@ -444,7 +512,7 @@ class Transformer(nn.Module):
   def encode(self, inputs: Array, deterministic: bool = True) -> Array:
     return self.encoder(inputs, deterministic)  # [batch, src_len, d_model]
 
-  def decode(self, encoded: Array, inputs: Array, decoder_inputs: Array,
+  def decode(self, encoded: Optional[Array], inputs: Array, decoder_inputs: Array,
              deterministic: bool = True) -> Array:
     return self.decoder(encoded, inputs, decoder_inputs, deterministic)
 

@@ -66,7 +66,7 @@ def train_sentencepiece(sentences: Iterable[str], model_path: str,
     model_path: output path, e.g. '<workdir>/spm.model'; the vocabulary is
       written next to it with the suffix '.vocab'.
     vocab_size: target vocabulary size (a soft limit: tiny corpora get less).
-    model_type: 'bpe' (paper) or 'unigram'.
+    model_type: 'bpe' (paper), 'unigram', 'word' or 'char' (SentencePiece's types).
     character_coverage: fraction of characters covered by the alphabet.
     max_sentences: reservoir sample size used for training.
     seed: sampling and SentencePiece random seed.
