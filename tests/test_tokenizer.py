@@ -93,3 +93,26 @@ def test_failed_training_leaves_no_file(tmp_path):
   assert os.listdir(tmp_path) == []
   with pytest.raises(FileNotFoundError, match="bad.model"):
     tok_lib.Tokenizer.load(str(path))
+
+
+def test_word_model_for_parsing_one_token_per_word(tmp_path):
+  """--spm_model_type=word (the parsing CPU config): a source sentence is one token per
+  word, a linearised tree one token per bracket/XX, and each word seen too rarely is one
+  UNK, also when unknown words follow each other (SentencePiece alone merges them)."""
+  sources = ["The cat sat .", "A dog sat on the mat .", "The dog ran ."] * 20
+  trees = ["(S (NP XX XX )NP (VP XX )VP XX )S"] * 40 + ["(S (NP XX )NP (VP XX (PP XX )PP )VP )S"] * 20
+  # 20 "words" + 4 special ids; 'Zyzzyva' and 'Quux' are never seen.
+  path = str(tmp_path / "spm.model")
+  tok_lib.train_sentencepiece(sources + trees, path, vocab_size=24, model_type="word",
+                              split_by_unicode_script=False)
+  tok = tok_lib.Tokenizer.load(path)
+  sentence = "A dog sat on the mat ."
+  ids = tok.encode(sentence)
+  assert len(ids) == len(sentence.split()) and UNK_ID not in ids
+  tree = "(S (NP XX XX )NP (VP XX (PP XX )PP )VP )S"
+  tree_ids = tok.encode(tree)
+  assert len(tree_ids) == len(tree.split()) and UNK_ID not in tree_ids
+  assert tok.decode(tree_ids) == tree
+  assert tok.encode("Zyzzyva Quux sat .") == [UNK_ID, UNK_ID] + tok.encode("sat .")
+  assert tok.encode_batch([sentence, "Zyzzyva Quux sat ."]) == [
+      ids, [UNK_ID, UNK_ID] + tok.encode("sat .")]

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional, Sequence
 from absl import logging
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from transformer.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
@@ -120,6 +121,10 @@ class Tokenizer:
         raise ValueError(
             f"SentencePiece model {path or '<proto>'} has {name}_id={got[name]},"
             f" expected {want_id}; retrain it with this code")
+    spec = sentencepiece_model_pb2.ModelProto.FromString(model_proto).trainer_spec
+    # A word model merges consecutive unknown words into one UNK; encoding word by word
+    # keeps one id per whitespace-separated word (parsing counts on it).
+    self._by_word = spec.model_type == sentencepiece_model_pb2.TrainerSpec.WORD
 
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
@@ -145,12 +150,20 @@ class Tokenizer:
 
   def encode(self, text: str) -> list[int]:
     """Ids of `text`, without EOS."""
-    return self._sp.encode(text, out_type=int)
+    return self.encode_batch([text], num_threads=1)[0]
 
   def encode_batch(self, texts: Sequence[str], num_threads: int = -1
                    ) -> list[list[int]]:
     """Ids of each text, without EOS (multi-threaded in C++)."""
-    return self._sp.encode(list(texts), out_type=int, num_threads=num_threads)
+    if not self._by_word:
+      return self._sp.encode(list(texts), out_type=int, num_threads=num_threads)
+    words = [text.split() for text in texts]
+    flat = self._sp.encode([w for ws in words for w in ws], out_type=int, num_threads=num_threads)
+    out, i = [], 0
+    for ws in words:
+      out.append([t for ids in flat[i:i + len(ws)] for t in ids])
+      i += len(ws)
+    return out
 
   def _clean(self, ids) -> list[int]:
     out = []
