@@ -139,13 +139,6 @@ class MultiHeadAttention(nn.Module):
     # out: [batch, q_len, heads, d_v] -> [batch, q_len, d_model]
     return jnp.einsum("blhk,hkd->bld", out, w_o)
 
-  def _cached_cross_kv(self):
-    """The encoder keys/values stored by an earlier call with `inputs_kv` (decode only)."""
-    if not (self.config.decode and self.cross_cache and self.has_variable("cache", "cross_key")):
-      raise ValueError("inputs_kv=None needs decode mode and a cache filled by a call with"
-                       " the encoder output")
-    return (self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value"))
-
   def _decode_attention(self, query: Array, inputs_kv: Optional[Array], w_k: Array, w_v: Array,
                         mask: Optional[Array]) -> Array:
     """Attention while decoding (no dropout), with cached keys/values.
