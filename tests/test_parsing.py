@@ -325,3 +325,101 @@ def test_parsing_report_and_write_trees(tmp_path):
     parsing.parsing_report(["(S XX )S"], [{"source": "Hi", "target": ""}])
   with pytest.raises(ValueError, match="hypotheses"):
     parsing.parsing_report([], examples)
+
+
+# ----------------------------------------------------------------------------
+# Constrained beam search.
+
+# Ids 0-3 are PAD, EOS, BOS, UNK. '(X' has no ')X' piece and 'word' is a source word, so
+# neither may ever be emitted; 'XX' without the word-boundary mark is not a placeholder.
+PIECES = ["<pad>", "</s>", "<s>", "<unk>", "\u2581(S", "\u2581)S", "\u2581(NP", "\u2581)NP",
+          "\u2581XX", "\u2581(X", "\u2581word", "XX"]
+
+
+def _well_formed(ids: list[int], words: list[str]) -> bool:
+  """Oracle: the sequence de-linearises with no repair (ids end before EOS)."""
+  text = "".join(PIECES[i] for i in ids).replace("\u2581", " ")  # as SentencePiece decodes
+  return parsing.delinearize(text, words)[1] == 0
+
+
+def _accepted(constraint, n_words: int, limit: int) -> set[tuple[int, ...]]:
+  """Every sequence (without EOS) the constraint lets finish, by breadth-first search."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  # One source sentence of n_words words + EOS; each prefix is one 'beam'.
+  inputs = jnp.asarray([[10] * n_words + [1]], jnp.int32)
+  prefixes, done = [()], set()
+  state = constraint.init(inputs, 1)
+  for i in range(limit):
+    ok = np.asarray(constraint.allowed(state, jnp.int32(i), jnp.asarray([limit]), len(PIECES)))
+    nxt, parents, tokens = [], [], []
+    for p, row in enumerate(ok[0]):
+      for tok in np.flatnonzero(row):
+        if tok == 1:
+          done.add(prefixes[p])
+        else:
+          nxt.append(prefixes[p] + (int(tok),)), parents.append(p), tokens.append(int(tok))
+    if not nxt:
+      break
+    picked = {k: v[:, parents] for k, v in state.items()}
+    state = constraint.update(picked, jnp.asarray([tokens], jnp.int32))
+    prefixes = nxt
+  return done
+
+
+@pytest.mark.parametrize("n_words,limit", [(1, 6), (2, 8), (3, 9)])
+def test_tree_constraint_accepts_exactly_the_well_formed_trees(n_words, limit):
+  import itertools  # pylint: disable=g-import-not-at-top
+  constraint = parsing.TreeConstraint.from_pieces(PIECES)
+  got = _accepted(constraint, n_words, limit)
+  # Brute force: every sequence of word-initial pieces that fits the limit with EOS (the
+  # constraint must not allow UNK or the mid-word 'XX' either, so `got` may not hold them).
+  words = [f"w{i}" for i in range(n_words)]
+  want = {seq for length in range(limit)
+          for seq in itertools.product(range(4, len(PIECES) - 1), repeat=length)
+          # (cheap necessary conditions first: one XX per word, as many opens as closes)
+          if seq.count(8) == n_words and seq.count(4) + seq.count(6) == seq.count(5) + seq.count(7)
+          and _well_formed(list(seq), words)}
+  assert got == want and want
+  if n_words == 2:  # e.g. 4 tokens + EOS, and 6 tokens with a unary or NP child
+    assert (4, 8, 8, 5) in got and (4, 6, 8, 7, 8, 5) in got and (4, 4, 8, 8, 5, 5) in got
+  # An empty sentence has no tree: only the empty output (EOS) is allowed.
+  assert _accepted(constraint, 0, limit) == {()}
+
+
+def test_tree_constraint_needs_bracket_pieces():
+  with pytest.raises(ValueError, match="word-level"):
+    parsing.TreeConstraint.from_pieces(["<pad>", "</s>", "<s>", "<unk>", "\u2581(S", "\u2581XX"])
+  c = parsing.TreeConstraint.from_pieces(PIECES)
+  assert c.kind.tolist() == [0, 4, 0, 0, 1, 2, 1, 2, 3, 0, 0, 0]
+  assert c.starts_word.tolist() == [False, False, False, True] + [True] * 7 + [False]
+
+
+def test_constrained_beam_search_outputs_well_formed_trees():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from transformer import decode  # pylint: disable=g-import-not-at-top
+  from transformer.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from transformer.model import Transformer  # pylint: disable=g-import-not-at-top
+  # Model vocabulary 16 > the 12 pieces: ids 12-15 must never be emitted either.
+  cfg = ModelConfig(vocab_size=16, d_model=16, d_ff=32, num_heads=2, num_encoder_layers=1,
+                    num_decoder_layers=1, max_len=32)
+  params = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(3), jnp.ones((1, 4), jnp.int32),
+                                          jnp.ones((1, 4), jnp.int32))["params"])
+  inputs = np.array([[10, 10, 3, 10, 1], [10, 1, 0, 0, 0], [10, 3, 1, 0, 0]], np.int32)
+  kwargs = dict(model_cfg=cfg, beam_size=3, alpha=0.3, max_decode_len_offset=8)
+  constraint = parsing.TreeConstraint.from_pieces(PIECES)
+  seqs, scores = decode.beam_search(params, jnp.asarray(inputs), constraint=constraint, **kwargs)
+  for b, n in enumerate([4, 1, 2]):  # words: the 'word' and UNK ids
+    for k in range(3):
+      ids = np.asarray(seqs[b, k]).tolist()
+      assert 1 in ids and float(scores[b, k]) > decode.NEG_INF / 2
+      ids = ids[:ids.index(1)]
+      assert len(ids) + 1 <= n + 1 + 8 and _well_formed(ids, [f"w{i}" for i in range(n)]), ids
+  # Unconstrained, the random model's best hypotheses are not trees.
+  free, _ = decode.beam_search(params, jnp.asarray(inputs), **kwargs)
+  assert not all(_well_formed(np.asarray(free[b, 0]).tolist()[:list(free[b, 0]).index(1)]
+                              if 1 in list(free[b, 0]) else [0], ["w"] * n)
+                 for b, n in enumerate([4, 1, 2]))

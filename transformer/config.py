@@ -162,6 +162,7 @@ class DecodeConfig:
   decode_tokens_per_batch: int = 4096
   num_average: int = 5               # checkpoints averaged by --mode=average
   average_window_steps: int = 0      # > 0: instead, the checkpoints of the last this-many steps
+  tree_constraints: bool = True      # --task=parsing: search only well-formed trees
 
   def validate(self) -> "DecodeConfig":
     if self.beam_size <= 0:
@@ -280,6 +281,8 @@ _HELP = {
     "num_average": "Checkpoints averaged by --mode=average.",
     "average_window_steps": "If > 0, --mode=average averages every checkpoint of the last this"
                             " many steps (step > latest - window) instead of --num_average.",
+    "tree_constraints": "--task=parsing: beam search only emits well-formed linearised trees"
+                        " (matching labelled brackets, one XX per source word).",
     "mesh": "Mesh shape, e.g. data:-1,fsdp:1,tensor:1 (-1 = the rest).",
     "coordinator_address": "jax.distributed coordinator host:port (multi-process).",
     "num_processes": "jax.distributed process count.", "process_id": "This process's id.",

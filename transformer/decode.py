@@ -39,6 +39,7 @@ class BeamState:
   finished_scores: jax.Array  # [batch, beam] length-normalised; NEG_INF if empty
   finished_flags: jax.Array   # [batch, beam] bool
   cache: Any                  # decoder cache, leading dim batch * beam
+  constraint_state: Any = None  # pytree of [batch, beam, ...] arrays, or None
 
 
 def _flat(x):  # [batch, beam, ...] -> [batch * beam, ...]
@@ -47,6 +48,12 @@ def _flat(x):  # [batch, beam, ...] -> [batch * beam, ...]
 
 def _unflat(x, batch):  # [batch * beam, ...] -> [batch, beam, ...]
   return x.reshape((batch, x.shape[0] // batch) + x.shape[1:])
+
+
+def _take_beams(tree, indices):
+  """Selects beams: every leaf [batch, beam, ...] -> [batch, k, ...] by indices [batch, k]."""
+  return jax.tree.map(lambda x: jnp.take_along_axis(
+      x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1), tree)
 
 
 def _gather_beams(cache, beam_indices, batch):
@@ -74,12 +81,17 @@ def _gather_beams(cache, beam_indices, batch):
 
 
 def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size: int,
-                alpha: float, max_decode_len_offset: int):
+                alpha: float, max_decode_len_offset: int, constraint: Any = None):
   """Beam search for a batch of sources.
 
   Args:
     params: model parameters.
     inputs: [batch, src_len] int32 source ids + EOS, PAD-padded.
+    constraint: None, or an object that restricts the next token (e.g.
+      `parsing.TreeConstraint`) with `init(inputs, beam_size) -> state` ([batch, beam, ...]
+      leaves), `allowed(state, i, limits, vocab) -> [batch, beam, vocab] bool` and
+      `update(state, token [batch, k]) -> state`. Disallowed tokens get log-prob NEG_INF
+      (the model's distribution is not renormalised).
   Returns:
     sequences: [batch, beam, max_len] best-first finished hypotheses (EOS, then PAD).
     scores: [batch, beam] length-normalised log probabilities.
@@ -108,7 +120,8 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
       finished_seqs=jnp.full((batch, beam_size, max_len + 1), PAD_ID, jnp.int32),
       finished_scores=jnp.full((batch, beam_size), NEG_INF),
       finished_flags=jnp.zeros((batch, beam_size), bool),
-      cache=cache)
+      cache=cache,
+      constraint_state=None if constraint is None else constraint.init(inputs, beam_size))
 
   def not_done(s: BeamState):
     # Best score an alive beam could still reach: log-probs only fall, lp only grows.
@@ -129,6 +142,9 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
     at_limit = (s.i + 1 >= limits)[:, None, None]
     is_eos = (jnp.arange(vocab) == EOS_ID)[None, None, :]
     log_probs = jnp.where(at_limit & ~is_eos, NEG_INF, log_probs)
+    if constraint is not None:
+      log_probs = jnp.where(constraint.allowed(s.constraint_state, s.i, limits, vocab),
+                            log_probs, NEG_INF)
     candidates = (s.alive_log_probs[:, :, None] + log_probs).reshape(batch, -1)  # [b, k*vocab]
     # 2k candidates always hold k that do not end in EOS.
     top_lp, top_idx = jax.lax.top_k(candidates, 2 * beam_size)  # [b, 2k]
@@ -140,6 +156,11 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
     alive_lp = jnp.where(ended, NEG_INF, top_lp)
     alive_lp, alive_pick = jax.lax.top_k(alive_lp, beam_size)
     alive_seqs = jnp.take_along_axis(seqs, alive_pick[:, :, None], axis=1)
+    constraint_state = None
+    if constraint is not None:
+      parents = jnp.take_along_axis(beam_idx, alive_pick, axis=1)  # [b, k]
+      constraint_state = constraint.update(_take_beams(s.constraint_state, parents),
+                                           jnp.take_along_axis(token, alive_pick, axis=1))
     cache = _gather_beams(new_vars["cache"], jnp.take_along_axis(beam_idx, alive_pick, axis=1),
                           batch)
     # Finished: merge the newly ended candidates into the best k so far.
@@ -154,7 +175,7 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
         finished_seqs=jnp.take_along_axis(all_seqs, fin_pick[:, :, None], axis=1),
         finished_scores=jnp.maximum(fin_scores, NEG_INF),
         finished_flags=jnp.take_along_axis(all_flags, fin_pick, axis=1),
-        cache=cache)
+        cache=cache, constraint_state=constraint_state)
 
   # The first step projects the encoder output into the cross-attention cache (every
   # sentence needs at least one step: EOS); the loop's steps only read it.
@@ -170,11 +191,13 @@ class BeamSearcher:
   decode_cfg: DecodeConfig
   mesh: Mesh
   params_shardings: Any
+  constraint: Any = None  # see beam_search
 
   def __post_init__(self):
     fn = functools.partial(beam_search, model_cfg=self.model_cfg,
                            beam_size=self.decode_cfg.beam_size, alpha=self.decode_cfg.alpha,
-                           max_decode_len_offset=self.decode_cfg.max_decode_len_offset)
+                           max_decode_len_offset=self.decode_cfg.max_decode_len_offset,
+                           constraint=self.constraint)
     batch_sh = sharding.batch_sharding(self.mesh)
     self._search = jax.jit(fn, in_shardings=(self.params_shardings, batch_sh),
                            out_shardings=(batch_sh, batch_sh))

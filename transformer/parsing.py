@@ -28,7 +28,11 @@ import os
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
 
+from transformer.config import EOS_ID, PAD_ID, UNK_ID
 from transformer.data.treebank import Tree, TreeError, parse_tree
 
 PLACEHOLDER = "XX"  # stands for a POS-tagged word in linearised trees
@@ -142,6 +146,114 @@ def delinearize(sequence: str, words: Sequence[str],
   if not pieces:  # no words at all (empty sentence)
     return Tree(REPAIR_ROOT_LABEL), repairs + 1
   return Tree(REPAIR_ROOT_LABEL, tuple(pieces)), repairs + 1
+
+
+# ----------------------------------------------------------------------------
+# Constrained beam search: only well-formed trees over the source's words.
+
+_OTHER, _OPEN, _CLOSE, _XX, _EOS = range(5)  # token kinds
+_WORD_START = "\u2581"  # SentencePiece's word-boundary mark
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TreeConstraint:
+  """A `decode.beam_search` constraint: every hypothesis de-linearises with 0 repairs.
+
+  A token may follow a hypothesis only if the result can still be completed, within
+  the sentence's length limit, to one tree with labelled brackets that match, no
+  empty phrase and exactly one `XX` per source word (Vinyals et al. 2015 repaired
+  ill-formed outputs instead). Per beam the state is the stack of open labels, its
+  depth, the `XX` count and whether the innermost phrase has a child yet.
+
+  Build it with `from_pieces` from the vocabulary; arrays are indexed by token id.
+  """
+  kind: np.ndarray         # [vocab] int32: _OTHER, _OPEN, _CLOSE, _XX or _EOS
+  label: np.ndarray        # [vocab] int32: label index of a bracket, -1 otherwise
+  starts_word: np.ndarray  # [vocab] bool: a source piece that begins a word (or UNK)
+  max_depth: int = 64
+
+  @classmethod
+  def from_pieces(cls, pieces: Sequence[str], placeholder: str = PLACEHOLDER,
+                  max_depth: int = 64) -> "TreeConstraint":
+    """From the vocabulary's pieces (`pieces[i]` of id i), e.g. '\u2581(NP', '\u2581)NP', '\u2581XX'.
+
+    Only word-initial pieces are brackets or placeholders (targets are space-separated
+    tokens). A label is usable only if both its `(L` and `)L` are single pieces.
+    Raises ValueError if the vocabulary has no placeholder or no usable label.
+    """
+    words = [p[1:] if p.startswith(_WORD_START) else None for p in pieces]
+    opens = {w[1:] for w in words if w and w.startswith("(") and len(w) > 1}
+    closes = {w[1:] for w in words if w and w.startswith(")") and len(w) > 1}
+    labels = sorted(opens & closes)
+    index = {l: i for i, l in enumerate(labels)}
+    kind = np.full(len(pieces), _OTHER, np.int32)
+    label = np.full(len(pieces), -1, np.int32)
+    for i, w in enumerate(words):
+      if w == placeholder:
+        kind[i] = _XX
+      elif w and w[:1] in "()" and w[1:] in index:
+        kind[i], label[i] = (_OPEN if w[0] == "(" else _CLOSE), index[w[1:]]
+    kind[EOS_ID] = _EOS
+    if not (kind == _XX).any() or not labels:
+      raise ValueError(f"the vocabulary has no single piece for {placeholder!r} or no label"
+                       " with both '(L' and ')L' pieces: tree constraints need word-level"
+                       " target pieces (e.g. --spm_model_type=word)")
+    starts_word = np.array([w is not None for w in words]) | (np.arange(len(pieces)) == UNK_ID)
+    return cls(kind, label, starts_word, max_depth)
+
+  def _table(self, table: np.ndarray, vocab: int) -> jax.Array:
+    if vocab < len(table):
+      raise ValueError(f"model vocabulary {vocab} < tokenizer vocabulary {len(table)}")
+    return jnp.asarray(np.pad(table, (0, vocab - len(table))))  # padded ids: _OTHER
+
+  def init(self, inputs: jax.Array, beam_size: int) -> dict[str, jax.Array]:
+    """State of empty hypotheses, [batch, beam, ...]; inputs [batch, src_len] ids."""
+    batch = inputs.shape[0]
+    # Source words: pieces that begin a word ([batch]); EOS and PAD are not word pieces.
+    starts = jnp.take(jnp.asarray(self.starts_word), inputs, mode="fill", fill_value=False)
+    n_words = jnp.sum(starts & (inputs != PAD_ID), axis=1)
+    zeros = jnp.zeros((batch, beam_size), jnp.int32)
+    return {"n_words": n_words[:, None] + zeros, "depth": zeros, "xx": zeros,
+            "nonempty": zeros.astype(bool),
+            "stack": jnp.zeros((batch, beam_size, self.max_depth), jnp.int32)}
+
+  def allowed(self, state: dict[str, jax.Array], i: jax.Array, limits: jax.Array,
+              vocab: int) -> jax.Array:
+    """[batch, beam, vocab] bool: tokens that may be the (i+1)-th of each hypothesis.
+
+    limits: [batch] maximum output length incl. EOS. A token is allowed only if the
+    shortest completion after it (one close per open phrase, the missing XX, EOS) fits.
+    """
+    kind, label = self._table(self.kind, vocab), self._table(self.label, vocab)
+    depth, xx, n = state["depth"][..., None], state["xx"][..., None], state["n_words"][..., None]
+    room = (limits[:, None, None] - (i + 1))  # tokens allowed after this one
+    top = jnp.take_along_axis(state["stack"], jnp.maximum(state["depth"] - 1, 0)[..., None],
+                              axis=2)  # [batch, beam, 1] innermost open label
+    words_left = xx < n
+    open_ok = ((depth < self.max_depth) & ((depth > 0) | (i == 0)) & words_left
+               & (depth + 1 + (n - xx) + 1 <= room))
+    close_ok = ((depth > 0) & (label == top) & state["nonempty"][..., None]
+                & ((depth > 1) | ~words_left) & (depth - 1 + (n - xx) + 1 <= room))
+    xx_ok = (depth > 0) & words_left & (depth + (n - xx - 1) + 1 <= room)
+    eos_ok = (depth == 0) & ~words_left & ((i > 0) | (n == 0))
+    return (((kind == _OPEN) & open_ok) | ((kind == _CLOSE) & close_ok)
+            | ((kind == _XX) & xx_ok) | ((kind == _EOS) & eos_ok))
+
+  def update(self, state: dict[str, jax.Array], token: jax.Array) -> dict[str, jax.Array]:
+    """State after appending token [batch, beam] to each hypothesis."""
+    kind = jnp.take(jnp.asarray(self.kind), token, mode="fill", fill_value=_OTHER)
+    label = jnp.take(jnp.asarray(self.label), token, mode="fill", fill_value=-1)
+    depth = state["depth"]
+    is_open, is_close, is_xx = kind == _OPEN, kind == _CLOSE, kind == _XX
+    at_depth = jnp.arange(self.max_depth) == jnp.minimum(depth, self.max_depth - 1)[..., None]
+    return {
+        "n_words": state["n_words"],
+        "stack": jnp.where(is_open[..., None] & at_depth, label[..., None], state["stack"]),
+        "depth": depth + is_open - is_close,
+        "xx": state["xx"] + is_xx,
+        # A new phrase is empty; closing a child or adding a word fills its parent.
+        "nonempty": jnp.where(is_open, False, state["nonempty"] | is_close | is_xx),
+    }
 
 
 # ----------------------------------------------------------------------------

@@ -55,6 +55,19 @@ class Setup:
     return jax.process_index() == 0
 
 
+def _searcher(s: Setup) -> BeamSearcher:
+  """The jitted beam search; for parsing with --tree_constraints, only well-formed trees."""
+  constraint = None
+  if s.cfg.data.task == "parsing" and s.cfg.decode.tree_constraints:
+    pieces = [s.tokenizer.id_to_piece(i) for i in range(s.tokenizer.vocab_size)]
+    try:
+      constraint = parsing.TreeConstraint.from_pieces(pieces)
+    except ValueError as e:
+      raise ConfigError(f"--tree_constraints: {e} (or pass --notree_constraints)") from e
+  return BeamSearcher(s.model_cfg, s.cfg.decode, s.mesh, s.trainer.state_shardings.params,
+                      constraint)
+
+
 def _data_dir(cfg: Config, workdir: str) -> str:
   return cfg.data.tfds_data_dir or os.path.join(workdir, "tfds")
 
@@ -289,7 +302,7 @@ def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
       json.dump(_saved_config(s), f, indent=2)
   logging.info("model: %d parameters; mesh %s; %d devices", num_params, dict(s.mesh.shape),
                jax.device_count())
-  searcher = BeamSearcher(s.model_cfg, cfg.decode, s.mesh, s.trainer.state_shardings.params)
+  searcher = _searcher(s)
 
   accum = tcfg.grad_accum_steps  # micro-batches per optimizer update
   step = int(state.step) // accum  # state.step counts micro-batches
@@ -457,7 +470,7 @@ def evaluate(cfg: Config, workdir: str, which: str = "latest",
   s = setup(cfg, workdir, train_vocab=False)
   params, step = _restore_params(s, which)
   examples, tokenized = _tokenize(s, cfg.data.test_split, train=False)
-  searcher = BeamSearcher(s.model_cfg, cfg.decode, s.mesh, s.trainer.state_shardings.params)
+  searcher = _searcher(s)
   t0 = time.time()
   hyps = translate_tokenized(s, searcher, params, tokenized)
   decode_seconds = time.time() - t0
@@ -511,7 +524,7 @@ def translate(cfg: Config, workdir: str, which: str = "latest", input_path: Opti
     lines = [raw.decode("utf-8", errors="replace").rstrip("\r\n") for raw in stream]
   examples = [{"source": line, "target": "", "id": i} for i, line in enumerate(lines)]
   tokenized = pipeline.tokenize_split(examples, s.tokenizer)
-  searcher = BeamSearcher(s.model_cfg, cfg.decode, s.mesh, s.trainer.state_shardings.params)
+  searcher = _searcher(s)
   hyps = translate_tokenized(s, searcher, params, tokenized, progress=True) if lines else []
   if cfg.data.task == "parsing":  # bracketed trees (placeholder POS tags)
     hyps = [t.to_string() for t, _ in parsing.predict_trees(hyps, examples)]
@@ -550,7 +563,7 @@ def attention(cfg: Config, workdir: str, sentence: str, which: str = "latest",
   s = setup(cfg, workdir, train_vocab=False)
   params, step = _restore_params(s, which)
   src = np.asarray([s.tokenizer.encode(sentence) + [EOS_ID]], np.int32)
-  searcher = BeamSearcher(s.model_cfg, cfg.decode, s.mesh, s.trainer.state_shardings.params)
+  searcher = _searcher(s)
   seq, _ = searcher(params, sharding.global_batch({"inputs": src}, s.mesh)["inputs"])
   hyp = np.asarray(seq)[0].tolist()
   hyp = hyp[:hyp.index(EOS_ID) + 1] if EOS_ID in hyp else hyp
