@@ -211,3 +211,14 @@ def test_peer_setup_files():
           if l and not l.startswith("#")]
   assert pins and all("==" in l for l in pins)
   assert any(l.startswith("transformers==") for l in pins)
+
+
+def test_dropout_benchmark_prints_json():
+  import json  # pylint: disable=g-import-not-at-top
+  r = subprocess.run([sys.executable, "-m", "benchmarks.dropout", "--masks=2", "--shape=4,8,6",
+                      "--rounds=2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  ms = out["median_ms"]
+  assert set(ms) == {"bernoulli", "ours", "none"} and all(v > 0 for v in ms.values())
+  assert out["mask_cost_ms"]["ours"] == pytest.approx(ms["ours"] - ms["none"])

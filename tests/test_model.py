@@ -230,3 +230,47 @@ def test_scan_over_layers_equals_the_layer_loop():
   scan_seqs, scan_scores = decode.beam_search(stacked, src, model_cfg=scan_cfg, **kw)
   np.testing.assert_array_equal(np.asarray(scan_seqs), np.asarray(seqs))
   np.testing.assert_allclose(np.asarray(scan_scores), np.asarray(scores), rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_mask_is_threefry_16_bit_uniforms_with_exact_scale():
+  from jax.extend.random import threefry_2x32  # pylint: disable=g-import-not-at-top
+  rate, key = 0.1, jax.random.PRNGKey(7)
+  shape = (64, 37, 50)  # last axis not a multiple of 4: 13 hashes per row, 52 -> 50 values
+  out = np.asarray(model_lib.dropout(jnp.ones(shape), rate, key))
+  threshold = 6554  # round(0.1 * 2^16)
+  scale = 65536 / (65536 - threshold)
+  kept = out != 0
+  np.testing.assert_allclose(out[kept], scale, rtol=1e-6)
+  # Element (i, j, q * 13 + r) is kept iff the q-th 16-bit quarter of the hash of counters
+  # (j * 13 + r, i), recomputed here with the public Threefry function, is >= the threshold
+  # (rate 0.5 here, so that a wrong construction fails each check with probability 1/2).
+  half = np.asarray(model_lib.dropout(jnp.ones(shape), 0.5, key)) != 0
+  rng = np.random.RandomState(0)
+  for i, j, col in zip(rng.randint(0, 64, 60), rng.randint(0, 37, 60), rng.randint(0, 50, 60)):
+    q, r = divmod(int(col), 13)
+    b1, b2 = np.asarray(threefry_2x32(key, np.array([j * 13 + r, i], np.uint32)))
+    u = [b1 & 0xFFFF, b1 >> 16, b2 & 0xFFFF, b2 >> 16][q]
+    assert half[i, j, col] == (u >= 32768) and kept[i, j, col] == (u >= threshold)
+  # Statistics: the keep rate is 1 - 6554/65536 (binomial, 5 standard deviations), and the
+  # four quarters of each hash are uncorrelated.
+  n, p = kept.size, 1 - threshold / 65536
+  assert abs(kept.mean() - p) < 5 * math.sqrt(p * (1 - p) / n)
+  blocks = [kept[..., q * 13:(q + 1) * 13].reshape(-1)[:64 * 37 * 11] for q in range(4)]
+  for a in range(4):
+    for b in range(a + 1, 4):
+      assert abs(np.corrcoef(blocks[a], blocks[b])[0, 1]) < 5 / math.sqrt(blocks[a].size)
+  # E[dropout(x)] = x; the gradient is the same mask times the scale.
+  big = np.asarray(model_lib.dropout(jnp.ones((512, 1024)), rate, key))
+  assert abs(big.mean() - 1.0) < 5 * scale * math.sqrt(p * (1 - p) / big.size)
+  grad = np.asarray(jax.grad(lambda x: model_lib.dropout(x, rate, key).sum())(jnp.ones(shape)))
+  np.testing.assert_array_equal(grad, out)
+  # A typed key with the same data gives the same mask; other keys and PRNGs give others.
+  np.testing.assert_array_equal(np.asarray(model_lib.dropout(jnp.ones(shape), rate,
+                                                             jax.random.key(7))), out)
+  assert (np.asarray(model_lib.dropout(jnp.ones(shape), rate, jax.random.PRNGKey(8))) != out).any()
+  rbg = np.asarray(model_lib.dropout(jnp.ones(shape), rate, jax.random.key(7, impl="rbg"))) != 0
+  assert abs(rbg.mean() - p) < 5 * math.sqrt(p * (1 - p) / n)
+  # Rates 0 and 1; bf16 stays bf16.
+  np.testing.assert_array_equal(np.asarray(model_lib.dropout(jnp.ones(shape), 0.0, key)), 1.0)
+  np.testing.assert_array_equal(np.asarray(model_lib.dropout(jnp.ones(shape), 1.0, key)), 0.0)
+  assert model_lib.dropout(jnp.ones(shape, jnp.bfloat16), rate, key).dtype == jnp.bfloat16

@@ -70,12 +70,42 @@ def test_gradient_accumulation_equals_one_big_batch():
   big = train.Trainer(cfg, TrainConfig(warmup_steps=10), mesh)
   acc = train.Trainer(cfg, TrainConfig(warmup_steps=10, grad_accum_steps=2), mesh)
   s_big, s_acc = big.init_state(0), acc.init_state(0)
+  # Micro-batches with 3 and 12 target tokens (padding): the update must weight them 3:12,
+  # like the mean over the 15 tokens of the big batch, not 1:1.
+  tgt[0, 2:] = 0
+  tgt[1, 1:] = 0
   s_big, _ = big.train_step(s_big, {"inputs": src, "targets": tgt})
-  # Same number of tokens in each half, so the mean of means is the global mean.
-  for half in (slice(0, 2), slice(2, 4)):
+  params0 = acc.init_state(0).params
+  for i, half in enumerate((slice(0, 2), slice(2, 4))):
     s_acc, _ = acc.train_step(s_acc, {"inputs": src[half], "targets": tgt[half]})
-  for a, b in zip(jax.tree.leaves(s_big.params), jax.tree.leaves(s_acc.params)):
+    if i == 0:  # no update after the first micro-batch
+      for a, b in zip(jax.tree.leaves(params0), jax.tree.leaves(s_acc.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  moved = 0.0
+  for a, b, p0 in zip(jax.tree.leaves(s_big.params), jax.tree.leaves(s_acc.params),
+                      jax.tree.leaves(params0)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    moved = max(moved, float(np.abs(np.asarray(a) - np.asarray(p0)).max()))
+  assert moved > 1e-4  # the update happened (Adam's first step moves weights by ~lr)
+
+
+def test_token_weighted_accumulation_by_hand():
+  # Inner SGD with rate 1: the update is minus the accumulated gradient.
+  opt = train.token_weighted_accumulation(optax.sgd(1.0), every_k=3)
+  params = {"w": jnp.zeros(2)}
+  state = opt.init(params)
+  grads = [jnp.array([1.0, 0.0]), jnp.array([0.0, 2.0]), jnp.array([4.0, 4.0])]
+  tokens = [1.0, 3.0, 4.0]
+  for i, (g, n) in enumerate(zip(grads, tokens)):
+    updates, state = opt.update({"w": g}, state, params, tokens=jnp.float32(n))
+    if i < 2:
+      np.testing.assert_array_equal(np.asarray(updates["w"]), [0.0, 0.0])
+  # (1 * [1, 0] + 3 * [0, 2] + 4 * [4, 4]) / 8 = [17/8, 22/8]; the mean of means is [5/3, 2].
+  np.testing.assert_allclose(np.asarray(updates["w"]), [-17 / 8, -22 / 8], rtol=1e-6)
+  # The accumulator is reset: the next 3 calls start from zero.
+  for g, n in zip(grads, tokens):
+    updates, state = opt.update({"w": 2 * g}, state, params, tokens=jnp.float32(n))
+  np.testing.assert_allclose(np.asarray(updates["w"]), [-17 / 4, -22 / 4], rtol=1e-6)
 
 
 def test_tiny_model_overfits_real_sentence_pairs(tmp_path, multi30k_dir):

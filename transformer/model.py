@@ -19,6 +19,7 @@ from typing import Optional
 
 import flax.linen as nn
 import jax
+from jax.extend.random import threefry2x32_p
 import jax.numpy as jnp
 import numpy as np
 
@@ -38,6 +39,61 @@ def _partitioned(init, names):
 def _constrain(x: Array, names: tuple[Optional[str], ...]) -> Array:
   """Activation sharding hint (no-op outside a mesh / without rules)."""
   return nn.with_logical_constraint(x, names)
+
+
+# ----------------------------------------------------------------------------
+# 5.4 Dropout (used by the modules below)
+# ----------------------------------------------------------------------------
+
+def _random_halves(rng: Array, shape: tuple[int, ...]) -> tuple[Array, Array]:
+  """Two uint32 arrays of `shape`: the 64 bits of one Threefry-2x32 hash per element."""
+  data = jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+  threefry = (data.shape == (2,) and (not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+                                      or jax.random.key_impl(rng) == "threefry2x32"))
+  if not threefry:  # another PRNG implementation: its own bits, two words per element
+    bits = jax.random.bits(rng, shape + (2,), jnp.uint32)
+    return bits[..., 0], bits[..., 1]
+  # Counters of each element: (row-major index over the axes after the first, index on the
+  # first axis); built as a [shape[0], rest] iota so that a batch-sharded activation
+  # computes only its own rows.
+  rest = int(np.prod(shape[1:]))
+  if rest >= 2**32:
+    raise ValueError(f"dropout mask too large for 32-bit counters: {shape}")
+  flat = (shape[0], rest) if shape else (1, 1)
+  c0 = jax.lax.broadcasted_iota(jnp.uint32, flat, 0).reshape(shape)
+  c1 = jax.lax.broadcasted_iota(jnp.uint32, flat, 1).reshape(shape)
+  return threefry2x32_p.bind(data[0], data[1], c1, c0)
+
+
+def dropout(x: Array, rate: float, rng: Array) -> Array:
+  """Inverted dropout: each element is zeroed with probability ~`rate`, the rest scaled up.
+
+  The drop probability is rounded to a multiple of 2^-16 (0.1 -> 6554/65536 = 0.100006)
+  and the scale is 1 / (1 - rounded rate), so E[dropout(x)] = x exactly. One Threefry
+  hash (64 bits) decides four elements (16-bit uniforms), a quarter of the hashes of
+  `jax.random.bernoulli` (flax.linen.Dropout); `python -m benchmarks.dropout` times both.
+  x: any shape [..., d]; rng: a raw uint32[2] or typed key.
+  """
+  if rate <= 0.0:
+    return x
+  threshold = round(rate * 65536)  # drop iff uniform16 < threshold
+  if threshold >= 65536:
+    return jnp.zeros_like(x)
+  d = x.shape[-1]
+  b1, b2 = _random_halves(rng, x.shape[:-1] + (-(-d // 4),))  # [..., ceil(d / 4)] each
+  u = jnp.concatenate([b1 & 0xFFFF, b1 >> 16, b2 & 0xFFFF, b2 >> 16], axis=-1)[..., :d]
+  return jnp.where(u >= threshold, x * (65536 / (65536 - threshold)), 0).astype(x.dtype)
+
+
+class Dropout(nn.Module):
+  """`dropout` with a key from the 'dropout' collection; identity if deterministic."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    if deterministic or self.rate <= 0.0:
+      return x
+    return dropout(x, self.rate, self.make_rng("dropout"))
 
 
 # ----------------------------------------------------------------------------
@@ -65,8 +121,7 @@ def dot_product_attention(query: Array, key: Array, value: Array, mask: Optional
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1)
   if not deterministic and dropout_rate > 0.0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    weights = dropout(weights, dropout_rate, dropout_rng)
   return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), value)
 
 
@@ -225,7 +280,7 @@ class FeedForward(nn.Module):
                  bias_init=_partitioned(nn.initializers.zeros, ("mlp",)), name="wi")(x)
     x = nn.relu(x)  # [batch, length, d_ff]
     x = _constrain(x, ("activation_batch", "activation_length", "activation_mlp"))
-    x = nn.Dropout(cfg.relu_dropout_rate)(x, deterministic=deterministic)
+    x = Dropout(cfg.relu_dropout_rate)(x, deterministic=deterministic)
     return nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                     kernel_init=_partitioned(_dense_init, ("mlp", "embed")),
                     bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="wo")(x)
@@ -339,7 +394,7 @@ class Sublayer(nn.Module):
                         param_dtype=cfg.param_dtype,
                         scale_init=_partitioned(nn.initializers.ones, ("embed",)),
                         bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="norm")
-    drop = nn.Dropout(cfg.dropout_rate)
+    drop = Dropout(cfg.dropout_rate)
     if cfg.pre_layer_norm:
       return x + drop(sublayer(norm(x)), deterministic=deterministic)
     return norm(x + drop(sublayer(x), deterministic=deterministic))
@@ -434,7 +489,7 @@ class Encoder(nn.Module):
     cfg = self.config
     # inputs: [batch, src_len] int32 -> x: [batch, src_len, d_model]
     x = AddPositions(cfg, name="positions")(self.embed(inputs))
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     mask = (inputs != PAD_ID)[:, None, None, :]  # [batch, 1, 1, src_len]
     layers = _layer_stack(EncoderLayer, cfg, cfg.num_encoder_layers, 3, self.sow_weights)
     x = layers(x, mask, deterministic)
@@ -457,7 +512,7 @@ class Decoder(nn.Module):
     # decoder_inputs: [batch, tgt_len] (BOS + shifted targets, or one token when decoding),
     # batch = r * src_batch, r rows (beams) per source sentence, sentence-major.
     y = AddPositions(cfg, decode=cfg.decode, name="positions")(self.embed(decoder_inputs))
-    y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    y = Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     cross_mask = (inputs != PAD_ID)[:, None, None, :]  # [batch, 1, 1, src_len]
     if cfg.decode:
       self_mask = None  # the cache builds the causal mask step by step

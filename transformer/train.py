@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -42,13 +42,62 @@ def make_schedule(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Callable:
                                      train_cfg.learning_rate_scale)
 
 
-def make_optimizer(model_cfg: ModelConfig, train_cfg: TrainConfig) -> optax.GradientTransformation:
-  """Adam(beta1, beta2, eps) with the paper's schedule; optional gradient accumulation."""
+class AccumulationState(NamedTuple):
+  micro_step: jax.Array  # int32: micro-batches accumulated since the last update
+  grad_sum: Any          # float32, like params: sum of token-summed micro-batch gradients
+  tokens: jax.Array      # float32: their target tokens
+  inner: Any             # the wrapped optimizer's state
+
+
+def token_weighted_accumulation(inner: optax.GradientTransformation,
+                                every_k: int) -> optax.GradientTransformationExtraArgs:
+  """Gradient accumulation that weights micro-batches by their tokens.
+
+  `update(grads, state, params, tokens=n)` takes the gradient of one micro-batch's mean
+  loss and its n non-pad target tokens. Every `every_k`-th call applies `inner` to
+  sum_i n_i grads_i / sum_i n_i, the gradient of the mean loss over all tokens of the k
+  micro-batches (what one big batch would give); the other calls return zero updates.
+  (optax.MultiSteps averages the k per-micro-batch means instead.)
+  """
+  def init(params):
+    return AccumulationState(jnp.zeros([], jnp.int32),
+                             jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params),
+                             jnp.zeros([], jnp.float32), inner.init(params))
+
+  def update(grads, state: AccumulationState, params=None, *, tokens, **extra_args):
+    del extra_args
+    grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32) * tokens, state.grad_sum,
+                            grads)
+    total = state.tokens + tokens
+
+    def apply(_):
+      mean = jax.tree.map(lambda a, g: (a / jnp.maximum(total, 1.0)).astype(g.dtype),
+                          grad_sum, grads)
+      updates, inner_state = inner.update(mean, state.inner, params)
+      return updates, AccumulationState(jnp.zeros([], jnp.int32),
+                                        jax.tree.map(jnp.zeros_like, grad_sum),
+                                        jnp.zeros([], jnp.float32), inner_state)
+
+    def accumulate(_):
+      return (jax.tree.map(jnp.zeros_like, grads),
+              AccumulationState(state.micro_step + 1, grad_sum, total, state.inner))
+
+    return jax.lax.cond(state.micro_step == every_k - 1, apply, accumulate, None)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def make_optimizer(model_cfg: ModelConfig,
+                   train_cfg: TrainConfig) -> optax.GradientTransformationExtraArgs:
+  """Adam(beta1, beta2, eps) with the paper's schedule; optional gradient accumulation.
+
+  `update` takes the keyword argument `tokens` (the micro-batch's target tokens).
+  """
   opt = optax.adam(make_schedule(model_cfg, train_cfg), b1=train_cfg.adam_b1,
                    b2=train_cfg.adam_b2, eps=train_cfg.adam_eps)
   if train_cfg.grad_accum_steps > 1:
-    opt = optax.MultiSteps(opt, every_k_schedule=train_cfg.grad_accum_steps)
-  return opt
+    return token_weighted_accumulation(opt, train_cfg.grad_accum_steps)
+  return optax.with_extra_args_support(opt)
 
 
 def smoothed_cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float):
@@ -86,7 +135,7 @@ def loss_and_metrics(logits, targets, label_smoothing):
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               optimizer: optax.GradientTransformation, label_smoothing: float,
+               optimizer: optax.GradientTransformationExtraArgs, label_smoothing: float,
                skip_nonfinite: bool = False, debug_nan_step: int = 0):
   """One optimizer update on a batch {'inputs': [B, L], 'targets': [B, L]}.
 
@@ -109,7 +158,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss_sum"]) & jnp.isfinite(grad_norm)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
+                                        tokens=metrics["tokens"])
   params = optax.apply_updates(state.params, updates)
   if skip_nonfinite:
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
