@@ -59,3 +59,39 @@ def test_train_average_evaluate_translate(tmp_path, multi30k_dir):
   r = _main(workdir, multi30k_dir, "--mode=translate", stdin="A man is riding a bike.\nTwo dogs.\n")
   assert r.returncode == 0, r.stderr[-3000:]
   assert len(r.stdout.splitlines()) == 2
+
+
+def test_parsing_train_evaluate_with_tree_constraints(tmp_path):
+  """--task=parsing through the CPU flag file: trains, then a constrained beam search gives
+  one well-formed tree per dev sentence over exactly its words (no repairs)."""
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  from transformer.data.treebank import parse_tree  # pylint: disable=g-import-not-at-top
+  data = Path(os.environ.get("TRANSFORMER_DATA_DIR", Path(REPO).parent / "shared" / "data"))
+  trees = data / "ptb_wsj_sample_nltk" / "combined"
+  assert (trees / "wsj_0001.mrg").exists(), f"{trees} not found: set TRANSFORMER_DATA_DIR"
+  workdir = tmp_path / "parse"
+  common = ["--flagfile=experiments/cpu/parsing_wsj_sample.flags", f"--workdir={workdir}",
+            f"--raw_data_dir={trees}", "--train_split=train[:400]", "--eval_split=validation[:8]",
+            "--test_split=validation[:8]", "--vocab_size=600", "--d_model=32", "--d_ff=64",
+            "--num_heads=2", "--d_k=16", "--d_v=16", "--tokens_per_batch=1024",
+            "--warmup_steps=10", "--log_every_steps=5", "--eval_every_steps=10",
+            "--checkpoint_every_steps=10", "--beam_size=2", "--max_decode_len_offset=150"]
+  env = dict(os.environ, PYTHONPATH=REPO)
+
+  def main(*args):
+    r = subprocess.run([sys.executable, "-m", "transformer.main", *common, *args], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+  main("--mode=train", "--num_train_steps=10")
+  r = main("--mode=evaluate", "--checkpoint=latest")
+  m = re.search(r"F1 validation\[:8\] \(latest step 10, beam 2, alpha 0.3\): ([\d.]+) "
+                r"\(P [\d.]+ R [\d.]+; exact match [\d.]+; repaired (\d+)/8; EVALB COLLINS.prm\)",
+                r.stdout)
+  assert m and m.group(2) == "0", r.stdout
+  gold = (workdir / "validation_8.gold.trees").read_text(encoding="utf-8").splitlines()
+  test = (workdir / "validation_8.latest.trees").read_text(encoding="utf-8").splitlines()
+  assert len(gold) == len(test) == 8
+  for g, t in zip(gold, test):
+    assert parse_tree(t).leaves() == parse_tree(g).leaves()

@@ -100,6 +100,14 @@ class Dropout(nn.Module):
 # 3.2.1 Scaled dot-product attention
 # ----------------------------------------------------------------------------
 
+def masked_softmax(logits: Array, mask: Optional[Array]) -> Array:
+  """softmax over the last axis in float32; positions where mask is False get weight 0."""
+  logits = logits.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits, axis=-1)
+
+
 def dot_product_attention(query: Array, key: Array, value: Array, mask: Optional[Array],
                           dropout_rng: Optional[Array] = None, dropout_rate: float = 0.0,
                           deterministic: bool = True, dtype=jnp.float32) -> Array:
@@ -116,10 +124,7 @@ def dot_product_attention(query: Array, key: Array, value: Array, mask: Optional
   d_k = query.shape[-1]
   query = query / jnp.sqrt(d_k).astype(query.dtype)
   logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)  # [batch, heads, q_len, kv_len]
-  logits = logits.astype(jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1)
+  weights = masked_softmax(logits, mask)
   if not deterministic and dropout_rate > 0.0:
     weights = dropout(weights, dropout_rate, dropout_rng)
   return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), value)
@@ -188,9 +193,7 @@ class MultiHeadAttention(nn.Module):
                                     cfg.attention_dropout_rate, deterministic, dtype=cfg.dtype)
       if self.sow_weights:  # for attention pictures; recomputed, not on the training path
         logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / np.sqrt(d_k)
-        logits = (jnp.where(mask, logits, jnp.finfo(jnp.float32).min) if mask is not None
-                  else logits)
-        self.sow("intermediates", "attention_weights", jax.nn.softmax(logits, axis=-1))
+        self.sow("intermediates", "attention_weights", masked_softmax(logits, mask))
     # out: [batch, q_len, heads, d_v] -> [batch, q_len, d_model]
     return jnp.einsum("blhk,hkd->bld", out, w_o)
 
@@ -227,10 +230,8 @@ class MultiHeadAttention(nn.Module):
     # [r * kv_batch, q_len, heads, d_k] -> [kv_batch, r * q_len, heads, d_k]
     query = query.reshape((kv_batch, r * q_len) + query.shape[2:])
     query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
-    logits = jnp.einsum("bqhd,bhkd->bhqk", query, key).astype(jnp.float32)
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)  # [kv_batch, heads, r * q_len, kv_len]
+    logits = jnp.einsum("bqhd,bhkd->bhqk", query, key)
+    weights = masked_softmax(logits, mask)  # [kv_batch, heads, r * q_len, kv_len]
     out = jnp.einsum("bhqk,bhkd->bqhd", weights.astype(cfg.dtype), value)
     return out.reshape((q_batch, q_len) + out.shape[2:])
 
