@@ -154,3 +154,18 @@ def test_scan_over_layers_shards_the_stacked_parameters_and_matches_one_device()
   np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(one_state.params), jax.tree.leaves(state.params)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=2e-6)
+
+
+def test_dropout_mask_is_the_same_on_any_mesh_and_drawn_per_shard():
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from transformer.model import dropout  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh("data:8", jax.devices()[:8])
+  sh = NamedSharding(mesh, P("data"))
+  key = jax.random.PRNGKey(0)
+  fn = jax.jit(lambda x, k: dropout(x, 0.1, k), in_shardings=(sh, None), out_shardings=sh)
+  x = jax.device_put(jnp.ones((64, 6, 20)), sh)
+  np.testing.assert_array_equal(np.asarray(fn(x, key)),
+                                np.asarray(dropout(jnp.ones((64, 6, 20)), 0.1, key)))
+  # Each device computes the counters of its own 64 / 8 = 8 rows only.
+  hlo = fn.lower(x, key).compile().as_text()
+  assert "u32[8]{0} iota()" in hlo and "u32[64]{0} iota()" not in hlo
