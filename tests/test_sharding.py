@@ -61,8 +61,12 @@ def test_two_steps_match_single_device(reference, mesh_spec):
   ref_params, ref_losses = reference
   tr, state, losses = _run(mesh_spec, jax.devices())
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  # Parameters: Adam divides each element's gradient by its own RMS, so an element whose
+  # gradient is ~0 turns a float summation-order difference into up to ~1e-4 of the step
+  # size (lr ~0.02 here): atol 1e-5 (one element of 1024 moved 2.9e-6 with the dropout
+  # masks of commit 72fa1e3; the losses, which depend on every mask, agree to 1e-5).
   for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(state.params)):
-    np.testing.assert_allclose(np.asarray(b), a, rtol=2e-4, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(b), a, rtol=2e-4, atol=1e-5)
 
 
 def test_partition_specs_follow_the_rules():
