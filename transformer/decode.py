@@ -156,13 +156,12 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
     alive_lp = jnp.where(ended, NEG_INF, top_lp)
     alive_lp, alive_pick = jax.lax.top_k(alive_lp, beam_size)
     alive_seqs = jnp.take_along_axis(seqs, alive_pick[:, :, None], axis=1)
+    parents = jnp.take_along_axis(beam_idx, alive_pick, axis=1)  # [b, k] beam of each alive
     constraint_state = None
     if constraint is not None:
-      parents = jnp.take_along_axis(beam_idx, alive_pick, axis=1)  # [b, k]
       constraint_state = constraint.update(_take_beams(s.constraint_state, parents),
                                            jnp.take_along_axis(token, alive_pick, axis=1))
-    cache = _gather_beams(new_vars["cache"], jnp.take_along_axis(beam_idx, alive_pick, axis=1),
-                          batch)
+    cache = _gather_beams(new_vars["cache"], parents, batch)
     # Finished: merge the newly ended candidates into the best k so far.
     new_scores = jnp.where(ended & (top_lp > NEG_INF / 2),
                            top_lp / length_penalty(s.i + 1, alpha), NEG_INF)

@@ -47,9 +47,9 @@ def _constrain(x: Array, names: tuple[Optional[str], ...]) -> Array:
 
 def _random_halves(rng: Array, shape: tuple[int, ...]) -> tuple[Array, Array]:
   """Two uint32 arrays of `shape`: the 64 bits of one Threefry-2x32 hash per element."""
-  data = jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
-  threefry = (data.shape == (2,) and (not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
-                                      or jax.random.key_impl(rng) == "threefry2x32"))
+  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  data = jax.random.key_data(rng) if typed else rng
+  threefry = data.shape == (2,) and (not typed or jax.random.key_impl(rng) == "threefry2x32")
   if not threefry:  # another PRNG implementation: its own bits, two words per element
     bits = jax.random.bits(rng, shape + (2,), jnp.uint32)
     return bits[..., 0], bits[..., 1]
