@@ -18,7 +18,10 @@ Prints one JSON object: per variant the median over rounds of each run's median 
 throughput from it; ratios ours / peer (> 1: ours is faster) from those medians and per round.
 
 Variants: ours vs the peer (fp32, eager); --peer_compile adds the peer under torch.compile
-(train only); --bf16 adds ours --dtype=bfloat16 vs the peer under torch.autocast(bfloat16).
+(train only); --bf16 adds ours --dtype=bfloat16 vs the peer under torch.autocast(bfloat16);
+--allocator adds ours without and the peer with transformer/host.py's malloc settings (ours
+applies them by default, as transformer.main does; the peer does not), so the ratio can be
+read with the allocator equal on both sides.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ def define_flags():
   flags.DEFINE_string("peer_python", DEFAULT_PEER_PYTHON, "Python of the peer venv.")
   flags.DEFINE_bool("peer_compile", False, "Add the peer under torch.compile (train).")
   flags.DEFINE_bool("bf16", False, "Add ours --dtype=bfloat16 vs the peer under bf16 autocast.")
+  flags.DEFINE_bool("allocator", False, "Add ours --noretain_freed_memory and the peer"
+                    " --retain_freed_memory (transformer/host.py).")
   flags.DEFINE_integer("batch", 0, "Sentences per step / batch (0: the config's).")
   flags.DEFINE_integer("length", 0, "train: tokens per sentence (0: the config's).")
   flags.DEFINE_integer("src_len", 0, "decode: source tokens per sentence (0: the config's).")
@@ -74,12 +79,14 @@ class Variant:
 
 # ratio name -> (our variant, peer variant)
 RATIOS = {"ours/peer": ("ours", "peer"), "ours/peer_compile": ("ours", "peer_compile"),
-          "ours_bf16/peer_bf16": ("ours_bf16", "peer_bf16")}
+          "ours_bf16/peer_bf16": ("ours_bf16", "peer_bf16"),
+          "ours/peer_retain": ("ours", "peer_retain"),
+          "ours_noretain/peer": ("ours_noretain", "peer")}
 METRIC = {"train": "target_tokens_per_s", "decode": "sentences_per_s"}
 TIME = {"train": "median_step_s", "decode": "median_batch_s"}
 
 
-def variants(what: str, peer_compile: bool, bf16: bool) -> list[Variant]:
+def variants(what: str, peer_compile: bool, bf16: bool, allocator: bool = False) -> list[Variant]:
   """In run order: ours and the peer alternate."""
   if peer_compile and what != "train":
     raise CompareError("--peer_compile is only supported with --what=train")
@@ -89,6 +96,9 @@ def variants(what: str, peer_compile: bool, bf16: bool) -> list[Variant]:
   if bf16:
     out += [Variant("ours_bf16", "ours", ("--dtype=bfloat16",)),
             Variant("peer_bf16", "peer", ("--bf16",))]
+  if allocator:
+    out += [Variant("ours_noretain", "ours", ("--noretain_freed_memory",)),
+            Variant("peer_retain", "peer", ("--retain_freed_memory",))]
   return out
 
 
@@ -152,7 +162,8 @@ def summarize(what: str, work: dict, runs: dict[str, list[dict]]) -> dict:
         f"per_round_{metric}": [throughput(what, work, t) for t in times],
         "reported": {k: results[0].get(k) for k in
                      ("benchmark", "dtype", "compile", "framework", "attention_impl",
-                      "attn_implementation", "params", "devices", "threads")
+                      "attn_implementation", "params", "devices", "threads",
+                      "retain_freed_memory")
                      if k in results[0]}}
   for ratio, (ours, peer) in RATIOS.items():
     if ours in runs and peer in runs:
@@ -198,7 +209,7 @@ def main(_):
     for name in ("batch", "length", "src_len", "out_len", "warmup"):
       if getattr(FLAGS, name) < 0:
         raise CompareError(f"--{name} must be positive (0: the default)")
-    vs = variants(FLAGS.what, FLAGS.peer_compile, FLAGS.bf16)
+    vs = variants(FLAGS.what, FLAGS.peer_compile, FLAGS.bf16, FLAGS.allocator)
     check_peer_python(FLAGS.peer_python)
     work = workload(FLAGS.what, FLAGS.config, FLAGS.batch, FLAGS.length, FLAGS.src_len,
                     FLAGS.out_len, FLAGS.beam)

@@ -38,6 +38,7 @@ import time
 import numpy as np
 
 from benchmarks import shapes
+from transformer import host  # no JAX: ctypes only
 
 try:
   import torch
@@ -203,6 +204,8 @@ def parse_args(argv=None):
   p.add_argument("--compile", action="store_true", help="train: torch.compile forward + loss")
   p.add_argument("--bf16", action="store_true", help="torch.autocast(cpu, bfloat16)")
   p.add_argument("--threads", type=int, default=0, help="torch threads (0: os.cpu_count())")
+  p.add_argument("--retain_freed_memory", action="store_true",
+                 help="keep freed host memory mapped, as ours does (transformer/host.py)")
   args = p.parse_args(argv)
   if args.warmup is None:
     args.warmup = 3 if args.mode == "train" else 1
@@ -219,6 +222,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  retained = args.retain_freed_memory and host.retain_freed_memory()  # before torch's threads
   torch.set_num_threads(args.threads or os.cpu_count())
   transformers.logging.set_verbosity_error()
   shape = shapes.SHAPES[args.config]
@@ -226,7 +230,7 @@ def main(argv=None):
     result = (run_train if args.mode == "train" else run_decode)(args, shape)
   except RuntimeError as e:
     sys.exit(f"error: {e}")
-  print(json.dumps(result))
+  print(json.dumps({**result, "retain_freed_memory": retained}))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from transformer import host
+
 # Eight host devices for the sharding tests; must be set before JAX initialises its backend.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
+
+# As transformer.main does: jitted steps reuse freed host memory instead of faulting it in.
+host.retain_freed_memory()
 
 _DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -123,6 +123,25 @@ def test_cross_attention_cache_and_beam_rows_equal_full_forward_pass():
              method=Transformer.decode, mutable=["cache"])
 
 
+@pytest.mark.parametrize("n,k,block", [(32000, 8, 64), (1000, 3, 7), (4001, 8, 50), (40, 8, 64)])
+def test_block_top_k_equals_a_stable_sort(n, k, block):
+  """Values and indices of the k largest, ties to the lowest index: numpy's stable argsort."""
+  rng = np.random.default_rng(n)
+  x = rng.integers(-5, 5, size=(6, n)).astype(np.float32)   # many ties
+  x[0] = rng.standard_normal(n)                              # none
+  x[1, : n // 2] = -np.inf                                   # masked candidates
+  x[2] = -np.inf
+  x[2, [n - 1, 0, n // 3]] = 1.0                             # fewer finite than k
+  x[3] = 0.0                                                 # all equal
+  x[4] = 0.0  # the k-th value is tied in a late block with a larger maximum and in early blocks
+  x[4, [n - 1, n - 2]] = [2.0, 1.0]
+  x[4, np.arange(k - 1) * block % n] = 1.0
+  values, idx = jax.jit(lambda a: decode.top_k(a, k, block))(x)
+  expect_idx = np.argsort(-x, axis=1, kind="stable")[:, :k]
+  np.testing.assert_array_equal(np.asarray(idx), expect_idx)
+  np.testing.assert_array_equal(np.asarray(values), np.take_along_axis(x, expect_idx, axis=1))
+
+
 def test_length_penalty_formula():
   assert abs(float(decode.length_penalty(7, 0.6)) - (12 / 6) ** 0.6) < 1e-6
   assert float(decode.length_penalty(30, 0.0)) == 1.0

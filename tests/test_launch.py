@@ -248,7 +248,7 @@ def _env() -> dict[str, str]:
 def test_tiny_sweep_runs_and_reports(tmp_path, multi30k_dir):
   root = tmp_path / "sweep"
   cmd = [sys.executable, "-m", "launch.sweep", TINY, f"--root={root}",
-         f"--raw_data_dir={multi30k_dir}"]
+         f"--raw_data_dir={multi30k_dir}", "--parallel=2"]
   r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
   logs = "".join((p.read_text()[-2000:] for p in root.glob("*/*.log")))
   assert r.returncode == 0, r.stdout + r.stderr + logs

@@ -75,7 +75,8 @@ def test_parsing_train_evaluate_with_tree_constraints(tmp_path):
             "--test_split=validation[:8]", "--vocab_size=600", "--d_model=32", "--d_ff=64",
             "--num_heads=2", "--d_k=16", "--d_v=16", "--tokens_per_batch=1024",
             "--warmup_steps=10", "--log_every_steps=5", "--eval_every_steps=10",
-            "--checkpoint_every_steps=10", "--beam_size=2", "--max_decode_len_offset=150"]
+            "--checkpoint_every_steps=10", "--beam_size=2", "--max_decode_len_offset=60",
+            "--bucket_boundaries=64,192"]  # two shapes: few compilations
   env = dict(os.environ, PYTHONPATH=REPO)
 
   def main(*args):

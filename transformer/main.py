@@ -21,6 +21,7 @@ import sys
 from absl import app, flags, logging
 
 from transformer import config as config_lib
+from transformer import host
 
 FLAGS = flags.FLAGS
 config_lib.define_flags(FLAGS)
@@ -33,6 +34,9 @@ flags.DEFINE_string("input", None, "translate: input file (default stdin).")
 flags.DEFINE_string("output", None, "translate: output file (default stdout);"
                     " evaluate: hypotheses file (default <workdir>/<split>.hyp).")
 flags.DEFINE_string("sentence", "", "attention: the source sentence to draw.")
+flags.DEFINE_bool("retain_freed_memory", True,
+                  "Keep freed host memory mapped (glibc mallopt) so jitted steps do not"
+                  " page-fault their temporaries in every step (transformer/host.py).")
 
 
 def _fail(message: str) -> None:
@@ -54,6 +58,8 @@ def main(argv):
     _fail(f"unexpected arguments {argv[1:]}; every option is a --flag")
   if not FLAGS.workdir:
     _fail("--workdir is required")
+  if FLAGS.retain_freed_memory:
+    host.retain_freed_memory()  # before JAX starts its threads
   from transformer import run  # pylint: disable=g-import-not-at-top  (imports jax)
   try:
     cfg = config_lib.from_flags(FLAGS)

