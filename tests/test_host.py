@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-# Mallocs, writes and frees a 256 MiB block (what XLA:CPU does with a step's temporaries)
-# in a worker thread, then counts the minor page faults of doing it again.
+# Mallocs, writes and frees a block of argv[2] MiB (what XLA:CPU does with a step's
+# temporaries) in a worker thread, then counts the minor page faults of doing it again.
 _PROBE = r"""
 import ctypes, resource, sys, threading
 libc = ctypes.CDLL(None)
@@ -18,11 +18,12 @@ libc.free.argtypes = [ctypes.c_void_p]
 if sys.argv[1] == "retain":
   from transformer import host
   assert host.retain_freed_memory()
+size = int(sys.argv[2]) << 20
 faults = []
 def step():
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  p = libc.malloc(256 << 20)            # 256 MiB, every page written
-  ctypes.memset(p, 1, 256 << 20)
+  p = libc.malloc(size)                 # every page written
+  ctypes.memset(p, 1, size)
   libc.free(p)
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 for _ in range(3):
@@ -30,18 +31,17 @@ for _ in range(3):
 print(faults[-1])
 """
 
-PAGES = (256 << 20) // 4096  # 65,536 pages of 4 KiB
-
-
-def _faults(mode: str) -> int:
-  out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True,
-                       check=True)
+def _faults(mode: str, mib: int) -> int:
+  out = subprocess.run([sys.executable, "-c", _PROBE, mode, str(mib)], capture_output=True,
+                       text=True, check=True)
   return int(out.stdout.strip())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt: Linux only")
-def test_retained_memory_is_reused_without_page_faults():
+@pytest.mark.parametrize("mib", [256, 2560])  # 2.5 GiB: above any 31-bit trim threshold
+def test_retained_memory_is_reused_without_page_faults(mib):
+  pages = (mib << 20) // 4096
   # Default glibc: the block is mmap'ed fresh and faulted in page by page each time.
-  assert _faults("default") > PAGES // 2
+  assert _faults("default", mib) > pages // 2
   # Retained: the third step reuses the pages the first one faulted in.
-  assert _faults("retain") < PAGES // 100
+  assert _faults("retain", mib) < pages // 100
