@@ -115,12 +115,56 @@ def test_cross_attention_cache_and_beam_rows_equal_full_forward_pass():
                          mutable=["cache"])
     cache = v["cache"]
     steps.append(np.asarray(logits[:, 0]))
-  cross = cache["decoder"]["layer_0"]["cross_attention"]["cross_key"]  # [2, heads, 4, d_k]
+  cross = cache["decoder"]["layer_0"]["cross_attention"]["cross_key"]  # [2, heads, d_k, 4]
   assert cross.shape[0] == 2  # one copy per sentence, not per beam row
   np.testing.assert_allclose(np.stack(steps, 1), np.repeat(full, r, axis=0), atol=1e-4)
   with pytest.raises(ValueError, match="multiple"):
     dm.apply({"params": params, "cache": cache}, None, inputs, jnp.zeros((5, 1), jnp.int32),
              method=Transformer.decode, mutable=["cache"])
+
+
+def test_history_lets_rows_continue_other_rows_prefixes_without_moving_the_cache():
+  """Beam reordering by `history` alone: after two steps the two rows of each sentence swap
+  prefixes (row 0 continues row 1's and vice versa), as beam search does when both children
+  come from the other parent. Each step's logits must equal the uncached forward pass over
+  the sequence the row now continues, and the cache must be the same arrays' shapes."""
+  m, params = _params(scale=1.0)
+  dm = Transformer(dataclasses.replace(CFG, decode=True))
+  inputs = jnp.array([[4, 5, 1, 0], [5, 1, 0, 0]], jnp.int32)
+  encoded = m.apply({"params": params}, inputs, method=Transformer.encode)
+  r, steps = 2, 4
+  # Tokens fed at each step, rows sentence-major: [2 * r, steps].
+  fed = np.array([[BOS_ID, 4, 5, 3], [BOS_ID, 3, 4, 4],
+                  [BOS_ID, 5, 3, 4], [BOS_ID, 4, 4, 5]], np.int32)
+  # Position p < 2 of row j is read from slot 1 - j from step 2 on.
+  swap = np.array([1, 0])
+  seen = fed.copy()  # the decoder input each row has seen, after the swap
+  for b in range(2):
+    seen[b * r:(b + 1) * r, :2] = fed[b * r + swap, :2]
+  cache = dm.init(jax.random.PRNGKey(0), encoded, inputs, jnp.zeros((2 * r, steps), jnp.int32),
+                  method=Transformer.decode)["cache"]
+  shapes_before = jax.tree.map(jnp.shape, cache)
+  got = []
+  for t in range(steps):
+    history = np.broadcast_to(np.arange(r)[None, :, None], (2, r, steps)).copy()
+    if t >= 2:
+      history[:, :, :2] = swap[None, :, None]
+    logits, v = dm.apply({"params": params, "cache": cache}, encoded if t == 0 else None,
+                         inputs, jnp.asarray(fed[:, t:t + 1]), history=jnp.asarray(history),
+                         method=Transformer.decode, mutable=["cache"])
+    cache = v["cache"]
+    got.append(np.asarray(logits[:, 0]))
+  assert jax.tree.map(jnp.shape, cache) == shapes_before
+  rows_inputs = jnp.repeat(inputs, r, axis=0)
+  # Teacher forcing: decoder input = shift_right(targets), so targets = inputs shifted left.
+  before = np.asarray(m.apply({"params": params}, rows_inputs,
+                              jnp.asarray(np.concatenate([fed[:, 1:], fed[:, :1]], 1))))
+  after = np.asarray(m.apply({"params": params}, rows_inputs,
+                             jnp.asarray(np.concatenate([seen[:, 1:], seen[:, :1]], 1))))
+  np.testing.assert_allclose(np.stack(got[:2], 1), before[:, :2], atol=1e-4)
+  np.testing.assert_allclose(np.stack(got[2:], 1), after[:, 2:], atol=1e-4)
+  # The swap matters: the rows' own (unswapped) prefixes give other logits.
+  assert np.abs(np.stack(got[2:], 1) - before[:, 2:]).max() > 1e-2
 
 
 @pytest.mark.parametrize("n,k,block", [(32000, 8, 64), (1000, 3, 7), (4001, 8, 50), (40, 8, 64)])

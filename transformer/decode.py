@@ -38,7 +38,8 @@ class BeamState:
   finished_seqs: jax.Array    # [batch, beam, max_len + 1]
   finished_scores: jax.Array  # [batch, beam] length-normalised; NEG_INF if empty
   finished_flags: jax.Array   # [batch, beam] bool
-  cache: Any                  # decoder cache, leading dim batch * beam
+  cache: Any                  # decoder cache (self-attention: one slot per beam)
+  history: jax.Array          # [batch, beam, max_len] int32: the cache slot of each position
   constraint_state: Any = None  # pytree of [batch, beam, ...] arrays, or None
 
 
@@ -75,30 +76,6 @@ def _take_beams(tree, indices):
   """Selects beams: every leaf [batch, beam, ...] -> [batch, k, ...] by indices [batch, k]."""
   return jax.tree.map(lambda x: jnp.take_along_axis(
       x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1), tree)
-
-
-def _gather_beams(cache, beam_indices, batch):
-  """Reorders cache leaves [batch * beam, ...] by beam_indices [batch, beam].
-
-  Leaves under --scan_layers' 'layers' have a leading [num_layers] axis ([N, batch * beam,
-  ...]; their cache indices [N]); scalars are cache indices shared by all beams; the
-  cross-attention keys/values ([batch, src_len, ...]) belong to the sentence, not a beam.
-  """
-  # Row i * beam + j of the new cache is row i * beam + beam_indices[i, j] of the old one:
-  # one gather of whole rows (contiguous [heads, max_len, d] blocks).
-  beam = beam_indices.shape[1]
-  rows = (jnp.arange(batch)[:, None] * beam + beam_indices).reshape(-1)  # [batch * beam]
-
-  def gather(x):
-    return jnp.take(x, rows, axis=0, mode="clip")
-
-  def leaf(path, x):
-    names = [getattr(k, "key", None) for k in path]
-    stacked = "layers" in names
-    if x.ndim == int(stacked) or names[-1] in ("cross_key", "cross_value"):
-      return x  # cache indices; encoder keys/values are per sentence, shared by its beams
-    return jax.vmap(gather)(x) if stacked else gather(x)
-  return jax.tree_util.tree_map_with_path(leaf, cache)
 
 
 def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size: int,
@@ -142,6 +119,8 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
       finished_scores=jnp.full((batch, beam_size), NEG_INF),
       finished_flags=jnp.zeros((batch, beam_size), bool),
       cache=cache,
+      history=jnp.broadcast_to(jnp.arange(beam_size, dtype=jnp.int32)[None, :, None],
+                               (batch, beam_size, max_len)),
       constraint_state=None if constraint is None else constraint.init(inputs, beam_size))
 
   def not_done(s: BeamState):
@@ -155,7 +134,8 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
     """One token for every beam; `encoded` fills the cross-attention cache (None: read it)."""
     tokens = _flat(jax.lax.dynamic_slice_in_dim(s.alive_seqs, s.i, 1, axis=2))  # [b*k, 1]
     logits, new_vars = decoder.apply({"params": params, "cache": s.cache}, encoded, inputs,
-                                     tokens, method=Transformer.decode, mutable=["cache"])
+                                     tokens, history=s.history, method=Transformer.decode,
+                                     mutable=["cache"])
     log_probs = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32))  # [b*k, vocab]
     vocab = log_probs.shape[-1]
     log_probs = _unflat(log_probs, batch)                                # [b, k, vocab]
@@ -182,7 +162,10 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
     if constraint is not None:
       constraint_state = constraint.update(_take_beams(s.constraint_state, parents),
                                            jnp.take_along_axis(token, alive_pick, axis=1))
-    cache = _gather_beams(new_vars["cache"], parents, batch)
+    # Each alive beam continues its parent's prefix: positions 0..i come from the parent's
+    # slots; position i + 1 will be written to the beam's own slot. The cache stays put.
+    history = jnp.where(jnp.arange(max_len) <= s.i, _take_beams(s.history, parents),
+                        jnp.arange(beam_size, dtype=jnp.int32)[:, None])
     # Finished: merge the newly ended candidates into the best k so far.
     new_scores = jnp.where(ended & (top_lp > NEG_INF / 2),
                            top_lp / length_penalty(s.i + 1, alpha), NEG_INF)
@@ -195,7 +178,7 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
         finished_seqs=jnp.take_along_axis(all_seqs, fin_pick[:, :, None], axis=1),
         finished_scores=jnp.maximum(fin_scores, NEG_INF),
         finished_flags=jnp.take_along_axis(all_flags, fin_pick, axis=1),
-        cache=cache, constraint_state=constraint_state)
+        cache=new_vars["cache"], history=history, constraint_state=constraint_state)
 
   # The first step projects the encoder output into the cross-attention cache (every
   # sentence needs at least one step: EOS); the loop's steps only read it.

@@ -139,10 +139,13 @@ class MultiHeadAttention(nn.Module):
 
   W^Q, W^K: [d_model, h, d_k]; W^V: [d_model, h, d_v]; W^O: [h, d_v, d_model]; no biases.
   With `decode=True` and `cache=True` (decoder self-attention) keys and values of
-  earlier steps are kept in the 'cache' collection: [batch, heads, max_len, d_k|d_v].
-  With `decode=True` and `cross_cache=True` (encoder-decoder attention) the projected
-  encoder keys and values are computed once, when `inputs_kv` is given, and read back from
-  'cache' when it is None: [kv_batch, heads, src_len, d_k|d_v].
+  earlier steps are kept in the 'cache' collection, one slot per decoder row (r rows per
+  sentence): keys [src_batch, heads, d_k, max_len * r], values [src_batch, heads,
+  max_len * r, d_v]; `mask` [src_batch, 1, r, max_len, r] tells which slot each row reads
+  at each position (see Decoder). With `decode=True` and `cross_cache=True`
+  (encoder-decoder attention) the projected encoder keys and values are computed once,
+  when `inputs_kv` is given, and read back from 'cache' when it is None: keys
+  [kv_batch, heads, d_k, src_len], values [kv_batch, heads, src_len, d_v].
 
   The query batch may be a multiple r of the key/value batch (beam search: r beams per
   sentence, rows sentence-major); then the r query rows of a sentence attend to its one
@@ -201,63 +204,81 @@ class MultiHeadAttention(nn.Module):
                         mask: Optional[Array]) -> Array:
     """Attention while decoding (no dropout), with cached keys/values.
 
-    The caches are head-major, [kv_batch, heads, length, d_k|d_v]: the layout of a batched
-    matmul over (batch, heads), so a step reads them without transposing the whole cache.
+    The caches are head-major, the layout of a batched matmul over (batch, heads), so a
+    step reads them in place: values [kv_batch, heads, kv_len, d_v] and keys transposed,
+    [kv_batch, heads, d_k, kv_len], so that Q K^T is a plain matmul (XLA:CPU runs the form
+    that contracts both operands' last axes ~3-7x slower at these shapes).
     The query batch may be r * kv_batch (r beams per sentence, sentence-major).
     query: [batch, q_len, heads, d_k]. Returns [batch, q_len, heads, d_v].
     """
     cfg = self.config
-    names = ("activation_batch", "activation_heads", "activation_length", None)
 
-    def project(w):  # [kv_batch, kv_len, d_model] -> [kv_batch, heads, kv_len, d]
-      return _constrain(jnp.einsum("bld,dhk->bhlk", inputs_kv.astype(cfg.dtype), w), names)
+    def project(w, spec):  # [kv_batch, kv_len, d_model] -> spec's layout
+      return _constrain(jnp.einsum(spec, inputs_kv.astype(cfg.dtype), w),
+                        ("activation_batch", "activation_heads", None, None))
 
     if self.cross_cache:
       if inputs_kv is None:
-        key, value = self._cached_cross_kv()
+        key_t, value = self._cached_cross_kv()
       else:
-        key, value = project(w_k), project(w_v)
-        self.variable("cache", "cross_key", lambda: key).value = key
+        key_t, value = project(w_k, "bld,dhk->bhkl"), project(w_v, "bld,dhk->bhlk")
+        self.variable("cache", "cross_key", lambda: key_t).value = key_t
         self.variable("cache", "cross_value", lambda: value).value = value
     else:
-      key, value, mask = self._update_cache(project(w_k), project(w_v), mask)
+      key_t, value, mask = self._update_cache(project(w_k, "bld,dhk->bhkl"),
+                                              project(w_v, "bld,dhk->bhlk"), mask)
 
     q_batch, q_len = query.shape[:2]
-    kv_batch = key.shape[0]
+    kv_batch = key_t.shape[0]
     r = q_batch // kv_batch
     if r * kv_batch != q_batch:
       raise ValueError(f"query batch {q_batch} is not a multiple of key batch {kv_batch}")
     # [r * kv_batch, q_len, heads, d_k] -> [kv_batch, r * q_len, heads, d_k]
     query = query.reshape((kv_batch, r * q_len) + query.shape[2:])
     query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
-    logits = jnp.einsum("bqhd,bhkd->bhqk", query, key)
+    logits = jnp.einsum("bqhd,bhdk->bhqk", query, key_t)
     weights = masked_softmax(logits, mask)  # [kv_batch, heads, r * q_len, kv_len]
     # Head-major product, then a transpose of the small result: XLA:CPU runs this batched
     # matmul ~3x faster than one that writes [kv_batch, r * q_len, heads, d_v] directly.
     out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(cfg.dtype), value).transpose(0, 2, 1, 3)
     return out.reshape((q_batch, q_len) + out.shape[2:])
 
-  def _update_cache(self, key: Array, value: Array, mask: Optional[Array]):
-    """Writes this step's key/value [batch, heads, 1, d] at cache_index; returns all so far.
+  def _update_cache(self, key_t: Array, value: Array, mask: Array):
+    """Writes this step's keys/values into the rows' slots; returns every slot and the mask.
 
-    During `init` the cache is created with the full decode length of `key`.
+    key_t: [src_batch * r, heads, d_k, 1], value: [src_batch * r, heads, 1, d_v] (during
+    `init` max_len instead of 1, which sizes the cache). mask: [src_batch, 1, r, max_len, r]
+    bool, row j may read position p of slot s (from Decoder). The cache is position-major
+    (position p of slot s at p * r + s), values [src_batch, heads, max_len * r, d_v] and keys
+    [src_batch, heads, d_k, max_len * r], so a step writes one small block per (sentence,
+    head) and the attention reads the cache in place. Returns keys, values and the mask
+    [src_batch, 1, r, max_len * r], which also hides positions after this step's.
     """
+    src_batch, _, r = mask.shape[:3]
+
+    def slots(x):  # [src_batch * r, heads, length, d] -> [src_batch, heads, length * r, d]
+      x = x.reshape((src_batch, r) + x.shape[1:]).transpose(0, 2, 3, 1, 4)
+      x = x.reshape(x.shape[:2] + (x.shape[2] * r, x.shape[4]))
+      return _constrain(x, ("activation_batch", "activation_heads", None, None))
+
+    slots_t = lambda x: slots(x.swapaxes(2, 3)).swapaxes(2, 3)
     initialized = self.has_variable("cache", "cached_key")
-    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-    cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+    cached_key = self.variable("cache", "cached_key", lambda: slots_t(jnp.zeros_like(key_t)))
+    cached_value = self.variable("cache", "cached_value", lambda: slots(jnp.zeros_like(value)))
     cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if not initialized:
-      return key, value, mask
-    max_len = cached_key.value.shape[2]
-    if key.shape[2] != 1:
-      raise ValueError(f"decode step expects one token, got key shape {key.shape}")
+      return key_t, value, None
+    max_len = cached_value.value.shape[2] // r
+    if value.shape[2] != 1:
+      raise ValueError(f"decode step expects one token, got value shape {value.shape}")
     i = cache_index.value
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, 0, i, 0))
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, 0, i, 0))
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, slots_t(key_t),
+                                                    (0, 0, 0, i * r))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, slots(value),
+                                                      (0, 0, i * r, 0))
     cache_index.value = i + 1
-    # The new query sees positions 0..i: [1, 1, 1, max_len].
-    step_mask = (jnp.arange(max_len) <= i)[None, None, None, :]
-    return cached_key.value, cached_value.value, step_mask
+    mask = mask & (jnp.arange(max_len) <= i)[:, None]  # the new query sees positions 0..i
+    return cached_key.value, cached_value.value, mask.reshape(mask.shape[:3] + (max_len * r,))
 
   def _cached_cross_kv(self):
     """The encoder keys/values stored by an earlier call with `inputs_kv` (decode only)."""
@@ -508,17 +529,32 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoded: Optional[Array], inputs: Array, decoder_inputs: Array,
-               deterministic: bool) -> Array:
+               deterministic: bool, history: Optional[Array] = None) -> Array:
     cfg = self.config
     # encoded: [src_batch, src_len, d_model] (None when decoding: the cross-attention cache);
     # inputs: [src_batch, src_len] source ids (for the padding mask);
     # decoder_inputs: [batch, tgt_len] (BOS + shifted targets, or one token when decoding),
     # batch = r * src_batch, r rows (beams) per source sentence, sentence-major.
+    # history (decoding only): [src_batch, r, max_len] int32, the cache slot that holds
+    # position p of row j's prefix; None: its own slot j. Beam search reorders its beams by
+    # rewriting `history`, so the cache itself is never moved.
     y = AddPositions(cfg, decode=cfg.decode, name="positions")(self.embed(decoder_inputs))
     y = Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     cross_mask = (inputs != PAD_ID)[:, None, None, :]  # [batch, 1, 1, src_len]
     if cfg.decode:
-      self_mask = None  # the cache builds the causal mask step by step
+      # [src_batch, 1, r, max_len | 1, r]: row j reads position p of slot s; the cache
+      # adds the causal part step by step.
+      src_batch = inputs.shape[0]
+      r = decoder_inputs.shape[0] // src_batch
+      if r * src_batch != decoder_inputs.shape[0]:
+        raise ValueError(f"decoder batch {decoder_inputs.shape[0]} is not a multiple of the "
+                         f"source batch {src_batch}")
+      slots = jnp.arange(r)
+      if history is None:
+        self_mask = jnp.broadcast_to((slots[:, None] == slots[None, :])[None, None, :, None, :],
+                                     (src_batch, 1, r, 1, r))
+      else:
+        self_mask = (history[:, :, :, None] == slots)[:, None]
     else:
       tgt_len = decoder_inputs.shape[1]
       self_mask = jnp.tril(jnp.ones((tgt_len, tgt_len), bool))[None, None]  # [1,1,tgt,tgt]
@@ -564,8 +600,8 @@ class Transformer(nn.Module):
     return self.encoder(inputs, deterministic)  # [batch, src_len, d_model]
 
   def decode(self, encoded: Optional[Array], inputs: Array, decoder_inputs: Array,
-             deterministic: bool = True) -> Array:
-    return self.decoder(encoded, inputs, decoder_inputs, deterministic)
+             deterministic: bool = True, history: Optional[Array] = None) -> Array:
+    return self.decoder(encoded, inputs, decoder_inputs, deterministic, history)
 
   def __call__(self, inputs: Array, targets: Array, deterministic: bool = True) -> Array:
     encoded = self.encode(inputs, deterministic)
