@@ -1,7 +1,7 @@
 r"""Beam-search decoding speed: beam 4 over the KV cache, a fixed number of output tokens.
 
   python -m benchmarks.decode --config=small|base|big [--batch=N --src_len=L --out_len=T --beam=4]
-      [--dtype=bfloat16] [--warmup=1 --reps=5]
+      [--dtype=bfloat16] [--cache_segment=C] [--warmup=1 --reps=5]
 
 Prints one JSON object: median seconds per batch over the timed repetitions (each a
 different random source batch of the same shape; compilation is in the untimed warm-up),
@@ -55,6 +55,7 @@ def define_flags():
   flags.DEFINE_integer("out_len", 0, "Output tokens per sentence, incl. EOS (0: the config's).")
   flags.DEFINE_integer("beam", 4, "Beam size.")
   flags.DEFINE_float("alpha", 0.6, "Length penalty exponent.")
+  flags.DEFINE_integer("cache_segment", 0, "As transformer.main's --cache_segment (0: one loop).")
   flags.DEFINE_string("dtype", "float32", "Compute dtype (parameters stay float32).")
   flags.DEFINE_string("attention_impl", "xla", "xla | einsum.")
   flags.DEFINE_integer("warmup", 1, "Untimed batches (the first one compiles).")
@@ -128,13 +129,14 @@ def forbid_eos(params, model_cfg: ModelConfig):
 
 
 def make_searcher(model_cfg: ModelConfig, mesh, params_shardings, *, beam: int, alpha: float,
-                  src_len: int, out_len: int) -> BeamSearcher:
+                  src_len: int, out_len: int, cache_segment: int = 0) -> BeamSearcher:
   """Beam search whose length limit is out_len for unpadded sources of src_len tokens.
 
   The limit is (non-pad source tokens) + max_decode_len_offset, so the offset is
   out_len - src_len (zero or negative when out_len <= src_len: beam_search allows it).
   """
-  decode_cfg = DecodeConfig(beam_size=beam, alpha=alpha, max_decode_len_offset=out_len - src_len)
+  decode_cfg = DecodeConfig(beam_size=beam, alpha=alpha, max_decode_len_offset=out_len - src_len,
+                            cache_segment=cache_segment)
   return BeamSearcher(model_cfg, decode_cfg, mesh, params_shardings)
 
 
@@ -145,7 +147,8 @@ def jit_cache_size(searcher: BeamSearcher) -> Optional[int]:
 
 
 def run(config: str, *, batch: int = 0, src_len: int = 0, out_len: int = 0, beam: int = 4,
-        alpha: float = 0.6, dtype: str = "float32", attention_impl: str = "xla",
+        alpha: float = 0.6, cache_segment: int = 0, dtype: str = "float32",
+        attention_impl: str = "xla",
         warmup: int = 1, reps: int = 5, mesh_spec: str = "data:-1",
         devices: Optional[list] = None) -> dict:
   shape = shapes.SHAPES[config]
@@ -163,7 +166,7 @@ def run(config: str, *, batch: int = 0, src_len: int = 0, out_len: int = 0, beam
   params, params_shardings = init_params(model_cfg, mesh)
   params = jax.device_put(forbid_eos(params, model_cfg), params_shardings)
   searcher = make_searcher(model_cfg, mesh, params_shardings, beam=beam, alpha=alpha,
-                           src_len=src_len, out_len=out_len)
+                           src_len=src_len, out_len=out_len, cache_segment=cache_segment)
   batch_sh = sharding.batch_sharding(mesh)
   inputs = [jax.device_put(x, batch_sh) for x in
             shapes.decode_batches(model_cfg.vocab_size, warmup + reps, batch, src_len)]
@@ -190,7 +193,7 @@ def run(config: str, *, batch: int = 0, src_len: int = 0, out_len: int = 0, beam
   batch_time = float(np.median(times))
   return {"benchmark": "decode", "config": config, "dtype": dtype,
           "attention_impl": attention_impl, "batch": batch, "src_len": src_len,
-          "out_len": out_len, "beam": beam, "alpha": alpha,
+          "out_len": out_len, "beam": beam, "alpha": alpha, "cache_segment": cache_segment,
           "params": count_params(params), "devices": mesh.size,
           "median_batch_s": batch_time, "batch_times_s": [round(t, 4) for t in times],
           "first_call_s": first_call,
@@ -207,6 +210,9 @@ def main(_):
     if getattr(FLAGS, name) < 0:
       print(f"error: --{name} must be positive (0: the config's)", file=sys.stderr)
       sys.exit(2)
+  if FLAGS.cache_segment < 0:
+    print(f"error: --cache_segment must be >= 0, got {FLAGS.cache_segment}", file=sys.stderr)
+    sys.exit(2)
   for name in ("beam", "reps", "warmup"):
     if getattr(FLAGS, name) <= 0:
       print(f"error: --{name} must be positive, got {getattr(FLAGS, name)}", file=sys.stderr)
@@ -214,7 +220,8 @@ def main(_):
   retained = FLAGS.retain_freed_memory and host.retain_freed_memory()  # before JAX's threads
   try:
     result = run(FLAGS.config, batch=FLAGS.batch, src_len=FLAGS.src_len, out_len=FLAGS.out_len,
-                 beam=FLAGS.beam, alpha=FLAGS.alpha, dtype=FLAGS.dtype,
+                 beam=FLAGS.beam, alpha=FLAGS.alpha, cache_segment=FLAGS.cache_segment,
+                 dtype=FLAGS.dtype,
                  attention_impl=FLAGS.attention_impl, warmup=FLAGS.warmup, reps=FLAGS.reps,
                  mesh_spec=FLAGS.mesh)
   except (ValueError, RuntimeError) as e:

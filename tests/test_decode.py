@@ -33,12 +33,16 @@ def _log_probs(m, params, src, ys):
   return np.take_along_axis(lp, ys[:, :, None], axis=2)[:, :, 0].sum(1)
 
 
-def test_beam_search_equals_exhaustive_search():
+@pytest.mark.parametrize("cache_segment", [0, 2])
+def test_beam_search_equals_exhaustive_search(cache_segment):
+  """cache_segment=2: the cache grows 2 -> 4 -> 6 positions between three loops."""
   m, params = _params()
   inputs = np.array([[4, 5, 1, 0], [5, 1, 0, 0]], np.int32)
   offset, alpha, beam = 2, 0.6, 40
+  assert decode.cache_widths(4 + offset, cache_segment) == ([2, 4, 6] if cache_segment else [6])
   seqs, scores = decode.beam_search(params, jnp.asarray(inputs), model_cfg=CFG, beam_size=beam,
-                                    alpha=alpha, max_decode_len_offset=offset)
+                                    alpha=alpha, max_decode_len_offset=offset,
+                                    cache_segment=cache_segment)
   for b in range(2):
     limit = int((inputs[b] != 0).sum()) + offset  # source length + offset
     scored = []

@@ -160,6 +160,7 @@ class DecodeConfig:
   alpha: float = 0.6                 # GNMT length penalty exponent
   max_decode_len_offset: int = 50    # max output length = input length + offset
   decode_tokens_per_batch: int = 4096
+  cache_segment: int = 0             # > 0: self-attention cache widths c, 2c, 4c, ...
   num_average: int = 5               # checkpoints averaged by --mode=average
   average_window_steps: int = 0      # > 0: instead, the checkpoints of the last this-many steps
   tree_constraints: bool = True      # --task=parsing: search only well-formed trees
@@ -171,6 +172,8 @@ class DecodeConfig:
       raise ConfigError(f"--alpha must be >= 0, got {self.alpha}")
     if self.max_decode_len_offset <= 0:
       raise ConfigError(f"--max_decode_len_offset must be positive, got {self.max_decode_len_offset}")
+    if self.cache_segment < 0:
+      raise ConfigError(f"--cache_segment must be >= 0, got {self.cache_segment}")
     if self.num_average <= 0:
       raise ConfigError(f"--num_average must be positive, got {self.num_average}")
     if self.average_window_steps < 0:
@@ -278,6 +281,10 @@ _HELP = {
     "beam_size": "Beam size (1 = greedy).", "alpha": "Length penalty alpha.",
     "max_decode_len_offset": "Max output length = input length + this.",
     "decode_tokens_per_batch": "Source tokens x beam per decoding batch.",
+    "cache_segment": "If > 0, beam search grows its self-attention cache through widths of"
+                     " this many positions, 2x, 4x, ... up to the output limit, one loop (and"
+                     " one more compiled body) each, so that steps do not read the whole"
+                     " limit's cache; pays off when many batches share a shape (0: one loop).",
     "num_average": "Checkpoints averaged by --mode=average.",
     "average_window_steps": "If > 0, --mode=average averages every checkpoint of the last this"
                             " many steps (step > latest - window) instead of --num_average.",

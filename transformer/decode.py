@@ -4,7 +4,8 @@ Score of a finished hypothesis Y: log P(Y | X) / lp(Y), lp(Y) = ((5 + |Y|) / 6)^
 (Wu et al. 2016), |Y| counting EOS. The output of each sentence is at most
 (its source length + `max_decode_len_offset`) tokens long; search stops early when
 no alive hypothesis can still beat the worst of the `beam_size` finished ones.
-The whole search is one `lax.while_loop`, compiled once per input shape.
+The search is one compiled function per input shape: one `lax.while_loop`, or with
+`cache_segment` one per width of the self-attention cache (see `cache_widths`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from jax.sharding import Mesh
 
 from transformer import sharding
 from transformer.config import BOS_ID, EOS_ID, PAD_ID, DecodeConfig, ModelConfig
-from transformer.model import Transformer
+from transformer.model import Transformer, extend_decode_cache
 
 NEG_INF = -1.0e7
 
@@ -78,13 +79,31 @@ def _take_beams(tree, indices):
       x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1), tree)
 
 
+def cache_widths(max_len: int, cache_segment: int) -> list[int]:
+  """Self-attention cache widths of the search's loops: cache_segment, 2x, 4x, ..., max_len.
+
+  Step i reads positions 0..i, so a loop that runs while i < w needs a cache of w positions;
+  a search that stops early never reads (or allocates) the rest of max_len's cache. A width
+  above 80% of max_len is left out (max_len follows). Each width is one more loop body to
+  compile. 0: one loop over max_len.
+  """
+  widths, w = [], cache_segment
+  while 0 < w and 5 * w < 4 * max_len:
+    widths.append(w)
+    w *= 2
+  return widths + [max_len]
+
+
 def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size: int,
-                alpha: float, max_decode_len_offset: int, constraint: Any = None):
+                alpha: float, max_decode_len_offset: int, constraint: Any = None,
+                cache_segment: int = 0):
   """Beam search for a batch of sources.
 
   Args:
     params: model parameters.
     inputs: [batch, src_len] int32 source ids + EOS, PAD-padded.
+    cache_segment: the search runs one loop per cache width of `cache_widths`, the cache
+      growing between them (0: one loop).
     constraint: None, or an object that restricts the next token (e.g.
       `parsing.TreeConstraint`) with `init(inputs, beam_size) -> state` ([batch, beam, ...]
       leaves), `allowed(state, i, limits, vocab) -> [batch, beam, vocab] bool` and
@@ -104,11 +123,13 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
   # [batch, src_len, d_model]: once per sentence. The decoder's beam rows [batch * beam]
   # attend to it sentence by sentence (MultiHeadAttention's query-batch multiple).
   encoded = model.apply({"params": params}, inputs, method=Transformer.encode)
+  widths = cache_widths(max_len, cache_segment)
   cache_shapes = jax.eval_shape(
       lambda: decoder.init(jax.random.PRNGKey(0), encoded, inputs,
-                           jnp.zeros((batch * beam_size, max_len), jnp.int32),
+                           jnp.zeros((batch * beam_size, widths[0]), jnp.int32),
                            method=Transformer.decode))["cache"]
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
+  own_slot = jnp.arange(beam_size, dtype=jnp.int32)[:, None]  # [beam, 1]
 
   # Only beam 0 is alive at the start, so the first expansion has no duplicates.
   init = BeamState(
@@ -119,8 +140,7 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
       finished_scores=jnp.full((batch, beam_size), NEG_INF),
       finished_flags=jnp.zeros((batch, beam_size), bool),
       cache=cache,
-      history=jnp.broadcast_to(jnp.arange(beam_size, dtype=jnp.int32)[None, :, None],
-                               (batch, beam_size, max_len)),
+      history=jnp.broadcast_to(own_slot, (batch, beam_size, widths[0])),
       constraint_state=None if constraint is None else constraint.init(inputs, beam_size))
 
   def not_done(s: BeamState):
@@ -164,8 +184,8 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
                                            jnp.take_along_axis(token, alive_pick, axis=1))
     # Each alive beam continues its parent's prefix: positions 0..i come from the parent's
     # slots; position i + 1 will be written to the beam's own slot. The cache stays put.
-    history = jnp.where(jnp.arange(max_len) <= s.i, _take_beams(s.history, parents),
-                        jnp.arange(beam_size, dtype=jnp.int32)[:, None])
+    history = jnp.where(jnp.arange(s.history.shape[-1]) <= s.i,
+                        _take_beams(s.history, parents), own_slot)
     # Finished: merge the newly ended candidates into the best k so far.
     new_scores = jnp.where(ended & (top_lp > NEG_INF / 2),
                            top_lp / length_penalty(s.i + 1, alpha), NEG_INF)
@@ -182,9 +202,16 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
 
   # The first step projects the encoder output into the cross-attention cache (every
   # sentence needs at least one step: EOS); the loop's steps only read it.
-  first = step(init, encoded)
-  final = jax.lax.while_loop(not_done, lambda s: step(s, None), first)
-  return final.finished_seqs[:, :, 1:], final.finished_scores
+  s = step(init, encoded)
+  for width in widths:
+    if width > s.history.shape[-1]:  # room for positions up to width - 1
+      pad = width - s.history.shape[-1]
+      s = s.replace(cache=extend_decode_cache(s.cache, width, beam_size),
+                    history=jnp.concatenate(
+                        [s.history, jnp.broadcast_to(own_slot, (batch, beam_size, pad))], 2))
+    s = jax.lax.while_loop(lambda s, w=width: not_done(s) & (s.i < w),
+                           lambda s: step(s, None), s)
+  return s.finished_seqs[:, :, 1:], s.finished_scores
 
 
 @dataclasses.dataclass
@@ -200,6 +227,7 @@ class BeamSearcher:
     fn = functools.partial(beam_search, model_cfg=self.model_cfg,
                            beam_size=self.decode_cfg.beam_size, alpha=self.decode_cfg.alpha,
                            max_decode_len_offset=self.decode_cfg.max_decode_len_offset,
+                           cache_segment=self.decode_cfg.cache_segment,
                            constraint=self.constraint)
     batch_sh = sharding.batch_sharding(self.mesh)
     self._search = jax.jit(fn, in_shardings=(self.params_shardings, batch_sh),

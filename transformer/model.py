@@ -288,6 +288,25 @@ class MultiHeadAttention(nn.Module):
     return (self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value"))
 
 
+def extend_decode_cache(cache, max_len: int, rows: int):
+  """The 'cache' collection with room for max_len positions: each self-attention key/value
+  cache (layout in MultiHeadAttention._update_cache; rows slots per sentence) is padded
+  with zeros after its last position. Filled positions and every other entry stay as they are.
+  """
+  def leaf(path, x):
+    name = getattr(path[-1], "key", None)
+    if name not in ("cached_key", "cached_value"):
+      return x
+    axis = x.ndim - 1 if name == "cached_key" else x.ndim - 2  # the max_len * rows axis
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, max_len * rows - x.shape[axis])
+    if pad[axis][1] < 0:
+      raise ValueError(f"cannot shrink a decode cache of {x.shape[axis] // rows} positions"
+                       f" to {max_len}")
+    return jnp.pad(x, pad)
+  return jax.tree_util.tree_map_with_path(leaf, cache)
+
+
 # ----------------------------------------------------------------------------
 # 3.3 Position-wise feed-forward network
 # ----------------------------------------------------------------------------
