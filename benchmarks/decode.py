@@ -61,8 +61,7 @@ def define_flags():
   flags.DEFINE_integer("warmup", 1, "Untimed batches (the first one compiles).")
   flags.DEFINE_integer("reps", 5, "Timed batches.")
   flags.DEFINE_string("mesh", "data:-1", "Mesh spec.")
-  flags.DEFINE_bool("retain_freed_memory", True,
-                    "As transformer.main: keep freed host memory mapped (transformer/host.py).")
+  host.define_flag()
 
 
 EOS_LOGIT = -1000.0  # log-softmax of the other tokens is ~ -log(vocab) +- a few

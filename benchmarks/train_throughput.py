@@ -42,8 +42,7 @@ flags.DEFINE_bool("scan_layers", False, "One nn.scan over the layers of each sta
 flags.DEFINE_integer("batch", 0, "Sentences per step (0: the config's).")
 flags.DEFINE_integer("length", 0, "Tokens per source and per target sentence (0: the config's).")
 flags.DEFINE_bool("measure_peak", True, "Also measure the matmul peak (a few seconds).")
-flags.DEFINE_bool("retain_freed_memory", True,
-                  "As transformer.main: keep freed host memory mapped (transformer/host.py).")
+host.define_flag()
 FLAGS = flags.FLAGS
 
 

@@ -64,8 +64,9 @@ def top_k(x: jax.Array, k: int, block: int = 64):
   num_blocks = -(-n // block)
   if num_blocks < 4 * k:
     return jax.lax.top_k(x, k)
-  pad = jnp.full((rows, num_blocks * block - n), -jnp.inf, x.dtype)
-  blocks = jnp.concatenate([x, pad], axis=1).reshape(rows, num_blocks, block)
+  if num_blocks * block > n:
+    x = jnp.concatenate([x, jnp.full((rows, num_blocks * block - n), -jnp.inf, x.dtype)], axis=1)
+  blocks = x.reshape(rows, num_blocks, block)
   _, block_idx = jax.lax.top_k(blocks.max(axis=2), k)           # [rows, k]
   block_idx = jnp.sort(block_idx, axis=1)
   picked = jnp.take_along_axis(blocks, block_idx[:, :, None], axis=1).reshape(rows, k * block)

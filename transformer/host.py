@@ -8,7 +8,8 @@ per 0.6 s step on this machine). Serving every thread from the main heap, never 
 still crossed by the Multi30k run's 4096-token steps) lets the next step reuse the same pages.
 Accelerator runs lose nothing: their host allocations are small.
 
-No JAX here: `benchmarks/peer.py` (PyTorch) applies the same setting for a like-for-like run.
+No JAX here (and absl only inside `define_flag`): `benchmarks/peer.py` (PyTorch, its own venv)
+applies the same setting for a like-for-like run.
 """
 
 from __future__ import annotations
@@ -44,3 +45,12 @@ def retain_freed_memory() -> bool:
     if libc.mallopt(param, value) != 1:
       raise RuntimeError(f"mallopt({param}, {value}) failed")
   return True
+
+
+def define_flag() -> None:
+  """--retain_freed_memory (default on) for the absl programs: transformer.main and the
+  benchmarks. They call `retain_freed_memory()` when it is set, before importing JAX's backend."""
+  from absl import flags  # pylint: disable=g-import-not-at-top  (not in the peer's venv)
+  flags.DEFINE_bool("retain_freed_memory", True,
+                    "Keep freed host memory mapped (glibc mallopt) so that jitted steps do not"
+                    " page-fault their temporaries in every step (transformer/host.py).")

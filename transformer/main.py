@@ -34,9 +34,7 @@ flags.DEFINE_string("input", None, "translate: input file (default stdin).")
 flags.DEFINE_string("output", None, "translate: output file (default stdout);"
                     " evaluate: hypotheses file (default <workdir>/<split>.hyp).")
 flags.DEFINE_string("sentence", "", "attention: the source sentence to draw.")
-flags.DEFINE_bool("retain_freed_memory", True,
-                  "Keep freed host memory mapped (glibc mallopt) so jitted steps do not"
-                  " page-fault their temporaries in every step (transformer/host.py).")
+host.define_flag()
 
 
 def _fail(message: str) -> None:
@@ -58,8 +56,8 @@ def main(argv):
     _fail(f"unexpected arguments {argv[1:]}; every option is a --flag")
   if not FLAGS.workdir:
     _fail("--workdir is required")
-  if FLAGS.retain_freed_memory:
-    host.retain_freed_memory()  # before JAX starts its threads
+  if FLAGS.retain_freed_memory and not host.retain_freed_memory():  # before JAX's threads
+    logging.warning("--retain_freed_memory: no glibc mallopt here; the allocator is unchanged")
   from transformer import run  # pylint: disable=g-import-not-at-top  (imports jax)
   try:
     cfg = config_lib.from_flags(FLAGS)
