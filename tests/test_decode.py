@@ -60,12 +60,14 @@ def test_beam_search_equals_exhaustive_search(cache_segment):
     np.testing.assert_allclose(np.asarray(scores[b]), [s for s, _ in scored[:beam]], atol=1e-4)
 
 
-def test_beam_one_is_greedy():
+@pytest.mark.parametrize("cache_segment", [0, 2])
+def test_beam_one_is_greedy(cache_segment):
   m, params = _params()
   inputs = np.array([[4, 5, 3, 1]], np.int32)
   offset = 5
   seqs, _ = decode.beam_search(params, jnp.asarray(inputs), model_cfg=CFG, beam_size=1,
-                               alpha=0.6, max_decode_len_offset=offset)
+                               alpha=0.6, max_decode_len_offset=offset,
+                               cache_segment=cache_segment)
   y = []
   for _ in range(4 + offset):  # argmax one token at a time, uncached
     logits = m.apply({"params": params}, jnp.asarray(inputs), jnp.asarray([y + [0]]))
@@ -127,11 +129,13 @@ def test_cross_attention_cache_and_beam_rows_equal_full_forward_pass():
              method=Transformer.decode, mutable=["cache"])
 
 
-def test_history_lets_rows_continue_other_rows_prefixes_without_moving_the_cache():
-  """Beam reordering by `history` alone: after two steps the two rows of each sentence swap
-  prefixes (row 0 continues row 1's and vice versa), as beam search does when both children
-  come from the other parent. Each step's logits must equal the uncached forward pass over
-  the sequence the row now continues, and the cache must be the same arrays' shapes."""
+@pytest.mark.parametrize("parent", [(1, 0), (1, 1), (0, 0)])
+def test_history_lets_rows_continue_other_rows_prefixes_without_moving_the_cache(parent):
+  """Beam reordering by `history` alone: from step 2 on, row j of each sentence continues the
+  first two tokens of row parent[j] (both rows swap prefixes; both continue row 1's; both
+  continue row 0's), as beam search does when children come from other parents or share
+  one. Each step's logits must equal the uncached forward pass over the sequence the row
+  now continues, and the cache must keep its shapes."""
   m, params = _params(scale=1.0)
   dm = Transformer(dataclasses.replace(CFG, decode=True))
   inputs = jnp.array([[4, 5, 1, 0], [5, 1, 0, 0]], jnp.int32)
@@ -140,11 +144,10 @@ def test_history_lets_rows_continue_other_rows_prefixes_without_moving_the_cache
   # Tokens fed at each step, rows sentence-major: [2 * r, steps].
   fed = np.array([[BOS_ID, 4, 5, 3], [BOS_ID, 3, 4, 4],
                   [BOS_ID, 5, 3, 4], [BOS_ID, 4, 4, 5]], np.int32)
-  # Position p < 2 of row j is read from slot 1 - j from step 2 on.
-  swap = np.array([1, 0])
-  seen = fed.copy()  # the decoder input each row has seen, after the swap
+  parent = np.array(parent)
+  seen = fed.copy()  # the decoder input each row has seen, after the reordering
   for b in range(2):
-    seen[b * r:(b + 1) * r, :2] = fed[b * r + swap, :2]
+    seen[b * r:(b + 1) * r, :2] = fed[b * r + parent, :2]
   cache = dm.init(jax.random.PRNGKey(0), encoded, inputs, jnp.zeros((2 * r, steps), jnp.int32),
                   method=Transformer.decode)["cache"]
   shapes_before = jax.tree.map(jnp.shape, cache)
@@ -152,7 +155,7 @@ def test_history_lets_rows_continue_other_rows_prefixes_without_moving_the_cache
   for t in range(steps):
     history = np.broadcast_to(np.arange(r)[None, :, None], (2, r, steps)).copy()
     if t >= 2:
-      history[:, :, :2] = swap[None, :, None]
+      history[:, :, :2] = parent[None, :, None]
     logits, v = dm.apply({"params": params, "cache": cache}, encoded if t == 0 else None,
                          inputs, jnp.asarray(fed[:, t:t + 1]), history=jnp.asarray(history),
                          method=Transformer.decode, mutable=["cache"])
@@ -167,8 +170,20 @@ def test_history_lets_rows_continue_other_rows_prefixes_without_moving_the_cache
                              jnp.asarray(np.concatenate([seen[:, 1:], seen[:, :1]], 1))))
   np.testing.assert_allclose(np.stack(got[:2], 1), before[:, :2], atol=1e-4)
   np.testing.assert_allclose(np.stack(got[2:], 1), after[:, 2:], atol=1e-4)
-  # The swap matters: the rows' own (unswapped) prefixes give other logits.
-  assert np.abs(np.stack(got[2:], 1) - before[:, 2:]).max() > 1e-2
+  # The reordering matters: a row that continues another row's prefix gets other logits.
+  moved = np.tile(parent != np.arange(r), 2)
+  assert np.abs(np.stack(got[2:], 1) - before[:, 2:])[moved].max(axis=(1, 2)).min() > 1e-3
+  with pytest.raises(ValueError, match="history"):
+    dm.apply({"params": params, "cache": cache}, None, inputs, jnp.asarray(fed[:, :1]),
+             history=jnp.zeros((2, r, steps + 1), jnp.int32), method=Transformer.decode,
+             mutable=["cache"])
+
+
+@pytest.mark.parametrize("max_len,segment,widths", [
+    (24, 8, [8, 16, 24]), (66, 8, [8, 16, 32, 66]), (20, 8, [8, 20]), (10, 8, [10]),
+    (8, 8, [8]), (24, 0, [24]), (1, 4, [1])])
+def test_cache_widths_double_and_leave_out_the_last_within_80_percent(max_len, segment, widths):
+  assert decode.cache_widths(max_len, segment) == widths
 
 
 @pytest.mark.parametrize("n,k,block", [(32000, 8, 64), (1000, 3, 7), (4001, 8, 50), (40, 8, 64)])

@@ -201,7 +201,8 @@ def _stack_layers(params):
   return out
 
 
-def test_scan_over_layers_equals_the_layer_loop():
+@pytest.mark.parametrize("cache_segment", [0, 2])
+def test_scan_over_layers_equals_the_layer_loop(cache_segment):
   import dataclasses
   from transformer import decode
   cfg = ModelConfig(vocab_size=50, d_model=16, d_ff=32, num_heads=2, num_encoder_layers=3,
@@ -221,9 +222,9 @@ def test_scan_over_layers_equals_the_layer_loop():
   want = Transformer(cfg).apply({"params": params}, src, tgt)
   got = Transformer(scan_cfg).apply({"params": stacked}, src, tgt)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-  # Beam search over the stacked KV cache, grown 2 -> 4 -> 8 -> 11 positions, gives the
-  # same hypotheses and scores.
-  kw = dict(beam_size=3, alpha=0.6, max_decode_len_offset=4, cache_segment=2)
+  # Beam search over the stacked KV cache (with cache_segment=2 grown 2 -> 4 -> 8 -> 11
+  # positions) gives the same hypotheses and scores.
+  kw = dict(beam_size=3, alpha=0.6, max_decode_len_offset=4, cache_segment=cache_segment)
   seqs, scores = decode.beam_search(params, src, model_cfg=cfg, **kw)
   scan_seqs, scan_scores = decode.beam_search(stacked, src, model_cfg=scan_cfg, **kw)
   np.testing.assert_array_equal(np.asarray(scan_seqs), np.asarray(seqs))

@@ -40,7 +40,8 @@ class BeamState:
   finished_scores: jax.Array  # [batch, beam] length-normalised; NEG_INF if empty
   finished_flags: jax.Array   # [batch, beam] bool
   cache: Any                  # decoder cache (self-attention: one slot per beam)
-  history: jax.Array          # [batch, beam, max_len] int32: the cache slot of each position
+  history: jax.Array          # [batch, beam, width] int32: the cache slot of each position
+                              # (width: the cache's current positions, <= max_len)
   constraint_state: Any = None  # pytree of [batch, beam, ...] arrays, or None
 
 
@@ -84,9 +85,10 @@ def cache_widths(max_len: int, cache_segment: int) -> list[int]:
   """Self-attention cache widths of the search's loops: cache_segment, 2x, 4x, ..., max_len.
 
   Step i reads positions 0..i, so a loop that runs while i < w needs a cache of w positions;
-  a search that stops early never reads (or allocates) the rest of max_len's cache. A width
-  above 80% of max_len is left out (max_len follows). Each width is one more loop body to
-  compile. 0: one loop over max_len.
+  the steps of a search that stops early never read the rest of max_len's cache (the cache
+  is still grown, one padded copy per remaining width, before loops that run no step). A
+  width at or above 80% of max_len is left out (max_len follows). Each width is one more
+  loop body to compile. 0: one loop over max_len.
   """
   widths, w = [], cache_segment
   while 0 < w and 5 * w < 4 * max_len:

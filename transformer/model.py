@@ -206,8 +206,8 @@ class MultiHeadAttention(nn.Module):
 
     The caches are head-major, the layout of a batched matmul over (batch, heads), so a
     step reads them in place: values [kv_batch, heads, kv_len, d_v] and keys transposed,
-    [kv_batch, heads, d_k, kv_len], so that Q K^T is a plain matmul (XLA:CPU runs the form
-    that contracts both operands' last axes ~3-7x slower at these shapes).
+    [kv_batch, heads, d_k, kv_len], so that Q K^T is a plain matmul (XLA:CPU ran the form
+    that contracts both operands' last axes 2-6x slower at beam search's shapes).
     The query batch may be r * kv_batch (r beams per sentence, sentence-major).
     query: [batch, q_len, heads, d_k]. Returns [batch, q_len, heads, d_v].
     """
@@ -269,6 +269,8 @@ class MultiHeadAttention(nn.Module):
     if not initialized:
       return key_t, value, None
     max_len = cached_value.value.shape[2] // r
+    if mask.shape[3] not in (1, max_len):
+      raise ValueError(f"history of {mask.shape[3]} positions for a cache of {max_len}")
     if value.shape[2] != 1:
       raise ValueError(f"decode step expects one token, got value shape {value.shape}")
     i = cache_index.value
@@ -554,9 +556,9 @@ class Decoder(nn.Module):
     # inputs: [src_batch, src_len] source ids (for the padding mask);
     # decoder_inputs: [batch, tgt_len] (BOS + shifted targets, or one token when decoding),
     # batch = r * src_batch, r rows (beams) per source sentence, sentence-major.
-    # history (decoding only): [src_batch, r, max_len] int32, the cache slot that holds
-    # position p of row j's prefix; None: its own slot j. Beam search reorders its beams by
-    # rewriting `history`, so the cache itself is never moved.
+    # history (decoding only): [src_batch, r, cache positions] int32, the cache slot that
+    # holds position p of row j's prefix; None: its own slot j. Beam search reorders its
+    # beams by rewriting `history`, so the cache itself is never moved.
     y = AddPositions(cfg, decode=cfg.decode, name="positions")(self.embed(decoder_inputs))
     y = Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     cross_mask = (inputs != PAD_ID)[:, None, None, :]  # [batch, 1, 1, src_len]
@@ -569,6 +571,9 @@ class Decoder(nn.Module):
         raise ValueError(f"decoder batch {decoder_inputs.shape[0]} is not a multiple of the "
                          f"source batch {src_batch}")
       slots = jnp.arange(r)
+      if history is not None and history.shape[:2] != (src_batch, r):
+        raise ValueError(f"history {history.shape} does not start with (source batch, rows)"
+                         f" = {(src_batch, r)}")
       if history is None:
         self_mask = jnp.broadcast_to((slots[:, None] == slots[None, :])[None, None, :, None, :],
                                      (src_batch, 1, r, 1, r))
