@@ -134,6 +134,9 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
   own_slot = jnp.arange(beam_size, dtype=jnp.int32)[:, None]  # [beam, 1]
 
+  def own_slots(width):  # [batch, beam, width]: each position in the beam's own slot
+    return jnp.broadcast_to(own_slot, (batch, beam_size, width))
+
   # Only beam 0 is alive at the start, so the first expansion has no duplicates.
   init = BeamState(
       i=jnp.array(0, jnp.int32),
@@ -143,7 +146,7 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
       finished_scores=jnp.full((batch, beam_size), NEG_INF),
       finished_flags=jnp.zeros((batch, beam_size), bool),
       cache=cache,
-      history=jnp.broadcast_to(own_slot, (batch, beam_size, widths[0])),
+      history=own_slots(widths[0]),
       constraint_state=None if constraint is None else constraint.init(inputs, beam_size))
 
   def not_done(s: BeamState):
@@ -208,10 +211,9 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
   s = step(init, encoded)
   for width in widths:
     if width > s.history.shape[-1]:  # room for positions up to width - 1
-      pad = width - s.history.shape[-1]
+      new = own_slots(width - s.history.shape[-1])
       s = s.replace(cache=extend_decode_cache(s.cache, width, beam_size),
-                    history=jnp.concatenate(
-                        [s.history, jnp.broadcast_to(own_slot, (batch, beam_size, pad))], 2))
+                    history=jnp.concatenate([s.history, new], axis=2))
     s = jax.lax.while_loop(lambda s, w=width: not_done(s) & (s.i < w),
                            lambda s: step(s, None), s)
   return s.finished_seqs[:, :, 1:], s.finished_scores
