@@ -1,17 +1,24 @@
-r"""Table 3 of the paper (section 6.2): parameter counts of every row, and the mini Table 3 report.
+r"""Table 3 of the paper (section 6.2): parameter counts of every row, and the mini Table 3.
 
-  python -m launch.table3 params [--vocab_size=V]   # every experiments/paper/table3 row, shapes only
-  python -m launch.table3 report ROOT [--out=DIR]   # a finished experiments/sweeps/table3_mini.json
+  python -m launch.table3 params [--vocab_size=V]          # every experiments/paper/table3 row
+  python -m launch.table3 report PATH... [--out=DIR]       # the table, verdicts and PNGs
+  python -m launch.table3 record ROOT --out=DIR            # one JSON record per finished run
+  python -m launch.table3 seeds PATH... --spec=S --out=F   # second seeds for close verdicts
+  python -m launch.table3 converged PATH... --short=A --long=B --png=P   # budget check
 
 `params` builds each row's model from its flag file with `jax.eval_shape` (no memory, no
 compute) and prints our count next to the paper's params column, which is read from the
 row's header comment (`params x1e6 N`). `--vocab_size` overrides the shared vocabulary.
 
-`report` reads the sweep ROOT (launch.sweep's layout: one workdir per row, named like the
-paper's rows), prints each row's dev perplexity and BLEU next to the paper's, states for each
-claim of section 6.2 whether it held at this scale, and draws PNG figures. A difference counts
-only when it is larger than the seed noise: |base - base_seed1| (the same row at another seed
-and data order), measured in the same sweep.
+A PATH is a sweep root (launch.sweep's layout: one workdir per run, named like the paper's
+rows) or a directory of run records written by `record` (e.g. under docs/, so that the table
+does not depend on one machine's disk). Extra seeds of a row are runs named `<row>_seed<k>`;
+a row's numbers are the mean over its seeds. The seed noise is the spread (max - min) of the
+base's dev perplexity and BLEU over its seeds (at least --min_seeds of them); a difference
+counts only when it is larger. `report` prints each row next to the paper's, one verdict per
+claim of section 6.2, the rows whose compared gap lies within twice the noise with one seed
+(`seeds` writes a sweep spec that runs them again at another seed), and draws PNG figures.
+`converged` checks that dev perplexity at a budget is within 5% of what twice it gives.
 """
 
 from __future__ import annotations
@@ -31,7 +38,6 @@ TABLE3_DIR = os.path.join(REPO, "experiments", "paper", "table3")
 ROWS = ("base", "a_h1", "a_h4", "a_h16", "a_h32", "b_dk16", "b_dk32", "c_n2", "c_n4", "c_n8",
         "c_d256", "c_d1024", "c_dff1024", "c_dff4096", "d_drop0", "d_drop02", "d_ls0", "d_ls02",
         "e_learned", "big")
-SEED_ROW = "base_seed1"
 _HEADER = re.compile(r"PPL\(dev\) ([\d.]+|-), BLEU\(dev\) ([\d.]+|-), params x1e6 ([\d.]+|-)")
 
 
@@ -128,25 +134,45 @@ def vocab_interval(rows: list[dict[str, Any]]) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------
-# Mini Table 3 report
+# Mini Table 3: run records, seeds, noise and verdicts
 # ----------------------------------------------------------------------------
 
-def read_run(root: str, name: str) -> Optional[dict[str, Any]]:
-  """Dev perplexity/BLEU (the evaluate step's JSON), last train loss and parameters of a run."""
-  workdir = os.path.join(root, name)
+_SEEDED = re.compile(r"^(?P<row>.+?)_seed(?P<seed>\d+)$")
+
+
+def row_and_seed(name: str) -> tuple[str, int]:
+  """'c_n8' -> ('c_n8', 0); 'c_n8_seed2' -> ('c_n8', 2): extra seeds of a row are named so."""
+  match = _SEEDED.match(name)
+  return (match["row"], int(match["seed"])) if match else (name, 0)
+
+
+def read_run(workdir: str) -> Optional[dict[str, Any]]:
+  """The record of one finished sweep run, or None if its evaluate step has not finished.
+
+  A record is what the report needs and nothing machine-specific: the run's flags and
+  overrides, the dev perplexity/NLL/BLEU of its evaluate step, the last train NLL, the dev
+  curve (every eval record of metrics.jsonl), the parameter count and each step's wall time.
+  """
   reports = sorted(glob.glob(os.path.join(workdir, "*.latest.json")))
   if not reports:
     return None
   with open(reports[-1], encoding="utf-8") as f:
     ev = json.load(f)
-  train_nll = None
+  train_nll, curve = None, []
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     for line in f:
       record = json.loads(line)
       if record.get("kind") == "train":
         train_nll = record.get("nll")
+      elif record.get("kind") == "eval":
+        curve.append({"step": record["step"], "nll": record["nll"],
+                      "perplexity": record["perplexity"]})
   with open(os.path.join(workdir, "run.json"), encoding="utf-8") as f:
     run = json.load(f)
+  status = {}
+  if os.path.exists(os.path.join(workdir, "status.json")):
+    with open(os.path.join(workdir, "status.json"), encoding="utf-8") as f:
+      status = json.load(f)
   from transformer import config as config_lib  # pylint: disable=g-import-not-at-top
   cwd = os.getcwd()
   os.chdir(REPO)
@@ -154,14 +180,88 @@ def read_run(root: str, name: str) -> Optional[dict[str, Any]]:
     cfg = config_lib.from_args(run["flags"])
   finally:
     os.chdir(cwd)
-  return {"step": ev["step"], "ppl": ev["test_perplexity"], "dev_nll": ev["test_nll"],
-          "bleu": ev["sacrebleu"], "bleu_tok": ev["bleu_tok_compound_split"],
-          "train_nll": train_nll, "params": count_parameters(cfg.model),
-          "overrides": run.get("overrides", {}), "decode_seconds": ev.get("decode_seconds")}
+  flags = [f for f in run["flags"] if not f.startswith(("--tfds_data_dir=", "--vocab_path=",
+                                                        "--raw_data_dir="))]
+  return {"name": os.path.basename(os.path.normpath(workdir)), "step": ev["step"],
+          "ppl": ev["test_perplexity"], "dev_nll": ev["test_nll"], "bleu": ev["sacrebleu"],
+          "bleu_tok": ev["bleu_tok_compound_split"], "train_nll": train_nll,
+          "params": count_parameters(cfg.model), "overrides": run.get("overrides", {}),
+          "flags": flags, "curve": curve,
+          "seconds": {k: v["seconds"] for k, v in status.get("steps", {}).items()}}
+
+
+def read_records(paths: list[str]) -> dict[str, dict[str, Any]]:
+  """{run name: record} from sweep roots (one workdir per run) or directories of record JSONs."""
+  out = {}
+  for path in paths:
+    if not os.path.isdir(path):
+      raise ValueError(f"{path} is not a directory")
+    for entry in sorted(os.listdir(path)):
+      full = os.path.join(path, entry)
+      if entry.endswith(".json") and os.path.isfile(full) and entry not in ("sweep.json",):
+        with open(full, encoding="utf-8") as f:
+          record = json.load(f)
+        if isinstance(record, dict) and "ppl" in record and "name" in record:
+          out[record["name"]] = record
+      elif os.path.isfile(os.path.join(full, "run.json")):
+        record = read_run(full)
+        if record is not None:
+          out[record["name"]] = record
+  return out
+
+
+def write_records(records: dict[str, dict[str, Any]], out_dir: str) -> list[str]:
+  """One `<run>.json` per finished run, e.g. under docs/ so the table needs no sweep disk."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for name, record in records.items():
+    path = os.path.join(out_dir, f"{name}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(record, f, indent=1)
+      f.write("\n")
+    os.replace(tmp, path)
+    paths.append(path)
+  return paths
+
+
+_MEAN_KEYS = ("ppl", "dev_nll", "bleu", "bleu_tok", "train_nll")
+
+
+def by_row(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """Records grouped by Table 3 row: the mean of every seed's numbers, and the seeds' values."""
+  groups: dict[str, list[tuple[int, dict]]] = {}
+  for name, record in records.items():
+    row, seed = row_and_seed(name)
+    groups.setdefault(row, []).append((seed, record))
+  out = {}
+  for row, members in groups.items():
+    members.sort(key=lambda m: m[0])
+    first = members[0][1]
+    mean = {}
+    for k in _MEAN_KEYS:
+      values = [r[k] for _, r in members if r.get(k) is not None]
+      mean[k] = sum(values) / len(values) if values else None
+    mean.update(seeds=[s for s, _ in members], seed_ppl=[r["ppl"] for _, r in members],
+                seed_bleu=[r["bleu"] for _, r in members], params=first["params"],
+                overrides={k: v for k, v in first["overrides"].items()
+                           if k not in ("seed", "shuffle_seed")})
+    out[row] = mean
+  return out
+
+
+def seed_noise(rows: dict[str, dict[str, Any]], min_seeds: int = 3) -> dict[str, float]:
+  """The base's spread over seeds (max - min of dev PPL and of BLEU): the noise of a verdict."""
+  base = rows.get("base")
+  if base is None or len(base["seeds"]) < min_seeds:
+    have = 0 if base is None else len(base["seeds"])
+    raise ValueError(f"the seed noise needs at least {min_seeds} seeds of the base; have {have}")
+  return {"ppl": max(base["seed_ppl"]) - min(base["seed_ppl"]),
+          "bleu": max(base["seed_bleu"]) - min(base["seed_bleu"]), "seeds": len(base["seeds"])}
 
 
 def _compare(ours: dict, better: list[str], worse: list[str], noise: dict) -> tuple[str, str]:
-  """Verdict that every run in `better` beats every run in `worse` on dev PPL and BLEU.
+  """Verdict that every row in `better` beats every row in `worse` on dev PPL and BLEU.
 
   Returns (verdict, evidence). 'held' when all the PPL gaps exceed the PPL seed noise in the
   claimed direction and no BLEU gap goes the other way by more than the BLEU noise; 'did not
@@ -182,33 +282,40 @@ def _compare(ours: dict, better: list[str], worse: list[str], noise: dict) -> tu
   return verdict, "; ".join(pairs)
 
 
-def verdicts(ours: dict[str, dict], noise: dict[str, float]) -> list[dict[str, str]]:
-  """One entry per claim of section 6.2 (and the label smoothing remark of row D)."""
+def verdicts(ours: dict[str, dict], noise: dict[str, float]) -> list[dict[str, Any]]:
+  """One entry per claim of section 6.2 (and the label smoothing remark of row D).
+
+  Each entry has the claim, the verdict, the evidence and `rows`: the pairs of rows it compares
+  (used to decide which rows lie within twice the noise and need a second seed).
+  """
   out = []
-  def add(claim, verdict_evidence, note=""):
+  def add(claim, verdict_evidence, pairs, note=""):
     verdict, evidence = verdict_evidence
-    out.append({"claim": claim, "verdict": verdict, "evidence": evidence + (
-        f". {note}" if note else "")})
+    out.append({"claim": claim, "verdict": verdict, "pairs": pairs,
+                "evidence": evidence + (f". {note}" if note else "")})
 
   heads = ["a_h1", "a_h4", "base", "a_h16", "a_h32"]
   best = min(heads, key=lambda r: ours[r]["ppl"])
   add("(A) single-head attention is worse than the best setting",
       _compare(ours, [best], ["a_h1"], noise) if best != "a_h1" else
       ("did not hold", f"h=1 has the best dev PPL of {', '.join(heads)}"),
-      f"best by dev PPL: {best}")
+      [(best, "a_h1")] if best != "a_h1" else [], f"best by dev PPL: {best}")
   best_fewer = min(["a_h4", "base", "a_h16"], key=lambda r: ours[r]["ppl"])
   add("(A) quality drops off with too many heads (h=32)",
-      _compare(ours, [best_fewer], ["a_h32"], noise), f"best of h=4/8/16: {best_fewer}")
+      _compare(ours, [best_fewer], ["a_h32"], noise), [(best_fewer, "a_h32")],
+      f"best of h=4/8/16: {best_fewer}")
   add("(B) reducing the attention key size d_k hurts model quality",
-      _compare(ours, ["base"], ["b_dk32", "b_dk16"], noise))
+      _compare(ours, ["base"], ["b_dk32", "b_dk16"], noise),
+      [("base", "b_dk32"), ("base", "b_dk16")])
   for small, large, what in (("c_n2", "c_n8", "N"), ("c_d256", "c_d1024", "d_model"),
                              ("c_dff1024", "c_dff4096", "d_ff"), ("base", "big", "big")):
-    add(f"(C) bigger models are better: {what}", _compare(ours, [large], [small], noise))
+    add(f"(C) bigger models are better: {what}", _compare(ours, [large], [small], noise),
+        [(large, small)])
   verdict, evidence = _compare(ours, ["base"], ["d_drop0"], noise)
   gap0 = ours["d_drop0"]["dev_nll"] - ours["d_drop0"]["train_nll"]
   gap1 = ours["base"]["dev_nll"] - ours["base"]["train_nll"]
   add("(D) dropout is very helpful in avoiding over-fitting (P_drop 0.1 vs 0.0)",
-      (verdict, evidence),
+      (verdict, evidence), [("base", "d_drop0")],
       f"dev NLL - train NLL (over-fitting gap): {gap0:.3f} without dropout, {gap1:.3f} with")
   d_ppl = abs(ours["e_learned"]["ppl"] - ours["base"]["ppl"])
   d_bleu = abs(ours["e_learned"]["bleu"] - ours["base"]["bleu"])
@@ -218,6 +325,7 @@ def verdicts(ours: dict[str, dict], noise: dict[str, float]) -> list[dict[str, s
       ("held" if same else "did not hold",
        f"e_learned vs base: PPL {ours['e_learned']['ppl']:.2f} vs {ours['base']['ppl']:.2f},"
        f" BLEU {ours['e_learned']['bleu']:.1f} vs {ours['base']['bleu']:.1f}"),
+      [("e_learned", "base")],
       "nearly identical = |dPPL| <= max(seed noise, 2%) and |dBLEU| <= max(seed noise, 0.5)")
   base, ls0 = ours["base"], ours["d_ls0"]
   ppl_held = base["ppl"] - ls0["ppl"] > noise["ppl"]        # smoothing raised perplexity
@@ -230,10 +338,46 @@ def verdicts(ours: dict[str, dict], noise: dict[str, float]) -> list[dict[str, s
   else:
     verdict = "did not hold" if against else "inconclusive (within seed noise)"
   out.append({"claim": "(D, section 5.4) label smoothing hurts perplexity but improves BLEU",
-              "verdict": verdict,
+              "verdict": verdict, "pairs": [("base", "d_ls0")],
               "evidence": f"eps_ls 0.1 vs 0.0: PPL {base['ppl']:.2f} vs {ls0['ppl']:.2f},"
                           f" BLEU {base['bleu']:.1f} vs {ls0['bleu']:.1f}"})
   return out
+
+
+def rows_needing_a_seed(ours: dict[str, dict], claims: list[dict], noise: dict[str, float]
+                        ) -> list[str]:
+  """Rows with one seed in a compared pair whose PPL or BLEU gap is within twice the noise."""
+  need = []
+  for claim in claims:
+    for a, b in claim["pairs"]:
+      close = (abs(ours[a]["ppl"] - ours[b]["ppl"]) <= 2 * noise["ppl"]
+               or abs(ours[a]["bleu"] - ours[b]["bleu"]) <= 2 * noise["bleu"])
+      if close:
+        need += [r for r in (a, b) if len(ours[r]["seeds"]) < 2 and r not in need]
+  return [r for r in (*ROWS,) if r in need]
+
+
+def second_seed_spec(spec: dict[str, Any], rows: list[str], seed: int = 1) -> dict[str, Any]:
+  """A sweep spec with `<row>_seed<seed>` for each row: its flags plus another seed and order."""
+  by_name = {r["name"]: r for r in spec.get("runs", [])}
+  missing = [r for r in rows if r not in by_name]
+  if missing:
+    raise ValueError(f"rows {missing} are not runs of the spec")
+  out = {k: v for k, v in spec.items() if k != "runs"}
+  out["description"] = (f"Second seeds ({seed}) of the rows whose verdict lies within twice the"
+                        f" seed noise: {', '.join(rows)}. " + spec.get("description", ""))
+  out["runs"] = [dict(by_name[r], name=f"{r}_seed{seed}",
+                      flags={**by_name[r].get("flags", {}), "seed": seed, "shuffle_seed": seed})
+                 for r in rows]
+  return out
+
+
+def converged(short: dict[str, Any], long: dict[str, Any], tolerance: float = 0.05
+              ) -> dict[str, Any]:
+  """Whether dev PPL at a budget is within `tolerance` of what twice the budget gives."""
+  ratio = short["ppl"] / long["ppl"] - 1.0
+  return {"budget_steps": short["step"], "double_steps": long["step"], "ppl": short["ppl"],
+          "ppl_double": long["ppl"], "relative_gap": ratio, "converged": ratio <= tolerance}
 
 
 def _plot(ours: dict, paper: dict, out_dir: str) -> list[str]:
@@ -259,10 +403,10 @@ def _plot(ours: dict, paper: dict, out_dir: str) -> list[str]:
       ax.axhline(0.0, color="gray", lw=0.8)
     ax.bar(x - 0.2, mine, 0.4, label="ours (mini, Multi30k)")
     ax.bar(x + 0.2, theirs, 0.4, label="paper (WMT14, newstest2013)")
-    if "base_seed1" in ours:
-      noise = (ours["base_seed1"][key] / ours["base"][key] if key == "ppl"
-               else ours["base_seed1"][key] - ours["base"][key])
-      ax.axhline(noise, color="C0", ls=":", lw=1, label="ours: base at seed 1")
+    seeds = ours["base"]["seed_ppl" if key == "ppl" else "seed_bleu"]
+    lo, hi = ((min(seeds) / ours["base"]["ppl"], max(seeds) / ours["base"]["ppl"]) if key == "ppl"
+              else (min(seeds) - ours["base"]["bleu"], max(seeds) - ours["base"]["bleu"]))
+    ax.axhspan(lo, hi, color="C0", alpha=0.15, label="ours: base's spread over seeds")
     ax.set_ylabel(label)
     ax.legend(fontsize=8)
   axes[0].set_title("Table 3 rows relative to the base model (lower PPL, higher BLEU = better)")
@@ -304,53 +448,137 @@ def _plot(ours: dict, paper: dict, out_dir: str) -> list[str]:
   return [path1, path2]
 
 
+def _plot_curves(records: list[dict[str, Any]], path: str, title: str) -> str:
+  """Dev perplexity against step, one line per run record."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for record in records:
+    curve = record["curve"]
+    ax.plot([c["step"] for c in curve], [c["perplexity"] for c in curve], "o-", ms=3,
+            label=f"{record['name']} ({record['step']} steps)")
+  ax.set_yscale("log")
+  ax.set_xlabel("step")
+  ax.set_ylabel("dev perplexity")
+  ax.set_title(title)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def _error(message: str) -> int:
+  print(f"error: {message}", file=sys.stderr)
+  return 2
+
+
 def _cmd_report(args) -> int:
-  root = os.path.abspath(args.root)
-  if not os.path.isdir(root):
-    print(f"error: {root} is not a directory", file=sys.stderr)
-    return 2
-  paper = paper_rows()
-  ours = {}
-  for name in (*ROWS, SEED_ROW):
-    run = read_run(root, name)
-    if run is not None:
-      ours[name] = run
-  missing = [r for r in (*ROWS, SEED_ROW) if r not in ours]
+  paths = [os.path.abspath(p) for p in args.paths]
+  try:
+    records = read_records(paths)
+  except ValueError as e:
+    return _error(str(e))
+  ours = by_row(records)
+  missing = [r for r in ROWS if r not in ours]
   if missing:
-    print(f"error: {root}: no finished evaluate step for runs {', '.join(missing)}"
-          " (run the sweep to the end first; it resumes)", file=sys.stderr)
-    return 2
-  noise = {"ppl": abs(ours["base"]["ppl"] - ours[SEED_ROW]["ppl"]),
-           "bleu": abs(ours["base"]["bleu"] - ours[SEED_ROW]["bleu"])}
-  lines = ["| row | changes (mini) | params | train NLL | dev PPL | dev BLEU | BLEU tok |"
-           " paper PPL | paper BLEU | paper params (M) |", "|" + "---|" * 10]
-  for name in (*ROWS, SEED_ROW):
+    return _error(f"{', '.join(paths)}: no finished evaluate step for runs {', '.join(missing)}"
+                  " (run the sweep to the end first; it resumes)")
+  try:
+    noise = seed_noise(ours, args.min_seeds)
+  except ValueError as e:
+    return _error(str(e))
+  paper = paper_rows()
+  lines = ["| row | changes (mini) | params | seeds | train NLL | dev PPL | dev BLEU | BLEU tok |"
+           " paper PPL | paper BLEU | paper params (M) |", "|" + "---|" * 11]
+  fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+  for name in ROWS:
     r, p = ours[name], paper.get(name, {})
     changes = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-"
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    lines.append(f"| {name} | {changes} | {r['params']:,} | {fmt(r['train_nll'], '.3f')} |"
-                 f" {r['ppl']:.2f} | {r['bleu']:.1f} | {r['bleu_tok']:.1f} |"
-                 f" {fmt(p.get('ppl'), '.2f')} | {fmt(p.get('bleu'), '.1f')} |"
+    lines.append(f"| {name} | {changes} | {r['params']:,} | {len(r['seeds'])} |"
+                 f" {fmt(r['train_nll'], '.3f')} | {r['ppl']:.2f} | {r['bleu']:.1f} |"
+                 f" {r['bleu_tok']:.1f} | {fmt(p.get('ppl'), '.2f')} | {fmt(p.get('bleu'), '.1f')} |"
                  f" {fmt(p.get('params_m'), 'g')} |")
-  table = "\n".join(lines)
   claims = verdicts(ours, noise)
-  text = [f"# Mini Table 3 ({root})", "", table, "",
-          f"Seed noise (|base - {SEED_ROW}|): dev PPL {noise['ppl']:.3f}, dev BLEU"
-          f" {noise['bleu']:.2f}. A gap counts only beyond it.", "",
+  need = rows_needing_a_seed(ours, claims, noise)
+  seconds = sum(sum(r["seconds"].values()) for r in records.values())
+  base_seeds = ", ".join(f"{v:.2f}" for v in ours["base"]["seed_ppl"])
+  text = [f"# Mini Table 3 ({', '.join(paths)})", "", *lines, "",
+          f"Rows with several seeds show the mean. Seed noise = the spread (max - min) over the"
+          f" {noise['seeds']} seeds of the base (dev PPL {base_seeds}): dev PPL"
+          f" {noise['ppl']:.3f}, dev BLEU {noise['bleu']:.2f}. A gap counts only beyond it.", "",
           "| claim (section 6.2) | at this scale | evidence |", "|---|---|---|"]
   text += [f"| {c['claim']} | **{c['verdict']}** | {c['evidence']} |" for c in claims]
-  out_dir = os.path.abspath(args.out or os.path.join(root, "report"))
+  text += ["", "Rows within twice the noise that have one seed: "
+           + (", ".join(need) if need else "none") + ".",
+           f"Total wall time of the {len(records)} runs (train + evaluate steps):"
+           f" {seconds / 3600:.2f} h."]
+  out_dir = os.path.abspath(args.out or os.path.join(paths[0], "report"))
   os.makedirs(out_dir, exist_ok=True)
   pngs = _plot(ours, paper, out_dir)
-  text += ["", *(f"![{os.path.basename(p)}]({p})" for p in pngs)]
+  base_runs = [records[n] for n in sorted(records) if row_and_seed(n)[0] == "base"]
+  pngs.append(_plot_curves(base_runs, os.path.join(out_dir, "table3_mini_base_curves.png"),
+                           "Dev perplexity of the base, every seed"))
+  text += ["", *(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs)]
   report_path = os.path.join(out_dir, "table3_mini.md")
   with open(report_path, "w", encoding="utf-8") as f:
     f.write("\n".join(text) + "\n")
   with open(os.path.join(out_dir, "table3_mini.json"), "w", encoding="utf-8") as f:
-    json.dump({"rows": ours, "noise": noise, "claims": claims}, f, indent=2)
+    json.dump({"rows": ours, "noise": noise, "claims": claims, "need_second_seed": need,
+               "wall_seconds": seconds}, f, indent=2)
   print("\n".join(text))
   print(f"\nwrote {report_path}, table3_mini.json and {', '.join(map(os.path.basename, pngs))}")
   return 0
+
+
+def _cmd_record(args) -> int:
+  try:
+    records = read_records([os.path.abspath(args.root)])
+  except ValueError as e:
+    return _error(str(e))
+  if not records:
+    return _error(f"{args.root}: no finished run")
+  for path in write_records(records, args.out):
+    print(f"wrote {path}")
+  return 0
+
+
+def _cmd_seeds(args) -> int:
+  try:
+    records = read_records([os.path.abspath(p) for p in args.paths])
+    ours = by_row(records)
+    missing = [r for r in ROWS if r not in ours]
+    if missing:
+      raise ValueError(f"no finished evaluate step for runs {', '.join(missing)}")
+    noise = seed_noise(ours, args.min_seeds)
+    need = rows_needing_a_seed(ours, verdicts(ours, noise), noise)
+    from launch import sweep  # pylint: disable=g-import-not-at-top
+    spec = second_seed_spec(sweep.load_spec(args.spec), need, args.seed)
+  except (ValueError, sweep.SpecError) as e:
+    return _error(str(e))
+  if not need:
+    print("every row within twice the noise already has two seeds: nothing to run")
+    return 0
+  with open(args.out, "w", encoding="utf-8") as f:
+    json.dump(spec, f, indent=2)
+    f.write("\n")
+  print(f"wrote {args.out}: {', '.join(r['name'] for r in spec['runs'])}")
+  return 0
+
+
+def _cmd_converged(args) -> int:
+  try:
+    records = read_records([os.path.abspath(p) for p in args.paths])
+  except ValueError as e:
+    return _error(str(e))
+  if args.short not in records or args.long not in records:
+    return _error(f"need finished runs {args.short!r} and {args.long!r}; have {sorted(records)}")
+  result = converged(records[args.short], records[args.long], args.tolerance)
+  png = _plot_curves([records[args.short], records[args.long]], args.png,
+                     f"Dev perplexity at the budget and at twice it")
+  print(json.dumps({**result, "png": png}))
+  return 0 if result["converged"] else 1
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -360,15 +588,31 @@ def main(argv: Optional[list[str]] = None) -> int:
   p = sub.add_parser("params", help="parameter counts of every Table 3 row vs the paper")
   p.add_argument("--vocab_size", type=int, default=None, help="override the shared vocabulary")
   r = sub.add_parser("report", help="report a finished mini Table 3 sweep")
-  r.add_argument("root", help="the sweep's --root")
-  r.add_argument("--out", default=None, help="output directory (default ROOT/report)")
+  r.add_argument("paths", nargs="+", help="sweep roots and/or directories of run records")
+  r.add_argument("--out", default=None, help="output directory (default FIRST_PATH/report)")
+  r.add_argument("--min_seeds", type=int, default=3, help="seeds of the base the noise needs")
+  c = sub.add_parser("record", help="one JSON record per finished run of a sweep root")
+  c.add_argument("root")
+  c.add_argument("--out", required=True, help="directory of the records (e.g. under docs/)")
+  s = sub.add_parser("seeds", help="a sweep spec of second seeds for rows within 2x the noise")
+  s.add_argument("paths", nargs="+", help="sweep roots and/or directories of run records")
+  s.add_argument("--spec", required=True, help="the sweep spec the rows came from")
+  s.add_argument("--out", required=True, help="where to write the second-seed spec (JSON)")
+  s.add_argument("--seed", type=int, default=1)
+  s.add_argument("--min_seeds", type=int, default=3)
+  v = sub.add_parser("converged", help="dev PPL at a budget within --tolerance of twice it?")
+  v.add_argument("paths", nargs="+", help="sweep roots and/or directories of run records")
+  v.add_argument("--short", required=True, help="run name at the budget")
+  v.add_argument("--long", required=True, help="run name at twice the budget")
+  v.add_argument("--tolerance", type=float, default=0.05)
+  v.add_argument("--png", required=True, help="where to draw both dev curves")
   args = parser.parse_args(argv)
   if args.command == "params":
     if args.vocab_size is not None and args.vocab_size <= 0:
-      print(f"error: --vocab_size must be positive, got {args.vocab_size}", file=sys.stderr)
-      return 2
+      return _error(f"--vocab_size must be positive, got {args.vocab_size}")
     return _cmd_params(args)
-  return _cmd_report(args)
+  return {"report": _cmd_report, "record": _cmd_record, "seeds": _cmd_seeds,
+          "converged": _cmd_converged}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -330,6 +330,47 @@ def test_parallel_runs_failures_and_resume(tmp_path):
   assert r.returncode == 2 and "already has finished steps made with other flags" in r.stderr
 
 
+def test_a_killed_sweep_continues_to_the_same_results(tmp_path, multi30k_dir):
+  """SIGKILL the whole sweep mid-training, run it again: the run's record equals an unbroken run's."""
+  from launch import table3  # pylint: disable=g-import-not-at-top
+  tiny = json.loads(open(TINY, encoding="utf-8").read())
+  flags = dict(tiny["flags"], num_train_steps=24, checkpoint_every_steps=8, eval_every_steps=8,
+               log_every_steps=8, keep_checkpoints=5, dropout_rate=0.1,
+               tfds_data_dir=str(tmp_path / "_tfds"), vocab_path=str(tmp_path / "spm.model"))
+  spec = _spec(tmp_path, flags=flags, runs=[{"name": "base"}], steps=["train", "evaluate"],
+               evaluate_checkpoint="latest")
+
+  def sweep_cmd(root):
+    return [sys.executable, "-m", "launch.sweep", spec, f"--root={root}",
+            f"--raw_data_dir={multi30k_dir}"]
+
+  whole = tmp_path / "whole"
+  r = subprocess.run(sweep_cmd(whole), cwd=REPO, env=_env(), capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stdout + r.stderr
+
+  broken = tmp_path / "broken"
+  proc = subprocess.Popen(sweep_cmd(broken), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
+  deadline = time.time() + 300
+  first = broken / "base" / "checkpoints" / "8"
+  while not first.is_dir() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  os.killpg(proc.pid, 9)
+  proc.wait(timeout=60)
+  assert first.is_dir(), "the sweep did not write its first checkpoint within 300 s"
+  assert not (broken / "base" / "checkpoints" / "24").exists(), "killed too late to test resume"
+  assert not (broken / "base" / "status.json").exists()  # no step had finished
+  r = subprocess.run(sweep_cmd(broken), cwd=REPO, env=_env(), capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stdout + r.stderr
+  assert "resumed from step " in (broken / "base" / "train.log").read_text()
+  a = table3.read_run(str(whole / "base"))
+  b = table3.read_run(str(broken / "base"))
+  for key in ("step", "ppl", "dev_nll", "bleu", "bleu_tok", "train_nll", "curve", "params"):
+    assert a[key] == b[key], (key, a[key], b[key])
+
+
 # ----------------------------------------------------------------------------
 # Shell scripts
 # ----------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from launch import sweep, table3
 
 
@@ -70,42 +72,104 @@ def _verdict(claims, prefix):
   return match["verdict"]
 
 
-def test_verdicts_follow_the_numbers():
-  noise = {"ppl": 0.1, "bleu": 0.2}
-  claims = table3.verdicts(_ours(), noise)
+NOISE = {"ppl": 0.1, "bleu": 0.2}
+
+
+def test_every_claim_held_on_numbers_made_to_hold():
+  claims = table3.verdicts(_ours(), NOISE)
   assert all(c["verdict"] == "held" for c in claims), claims
   assert len(claims) == 10  # A x2, B, C x4, D dropout, E, D label smoothing
-  # h=1 best -> single-head claim fails; h=32 within noise of the best -> inconclusive.
-  claims = table3.verdicts(_ours(a_h1=9.0, a_h32=9.95), noise)
-  assert _verdict(claims, "(A) single-head") == "did not hold"
-  assert _verdict(claims, "(A) quality drops off") == "inconclusive (within seed noise)"
-  # A larger model worse beyond the noise -> did not hold; learned positions far off -> not ~.
-  claims = table3.verdicts(_ours(c_n8=12.5, e_learned=11.0), noise)
+
+
+def test_verdict_did_not_hold_when_the_gap_goes_the_other_way_beyond_the_noise():
+  claims = table3.verdicts(_ours(a_h1=9.0, c_n8=12.5), NOISE)
+  assert _verdict(claims, "(A) single-head") == "did not hold"       # h=1 is the best
   assert _verdict(claims, "(C) bigger models are better: N") == "did not hold"
-  assert _verdict(claims, "(E)") == "did not hold"
   assert _verdict(claims, "(C) bigger models are better: d_model") == "held"
-  # Label smoothing: PPL better without it but BLEU too -> only the perplexity half holds.
-  claims = table3.verdicts(_ours(d_ls0=9.5), noise)
+
+
+def test_verdict_inconclusive_when_the_gap_is_within_the_noise():
+  # h=32 at 9.95 against the best of h=4/8/16 (a_h16, 9.9): 0.05 < 0.1.
+  claims = table3.verdicts(_ours(a_h32=9.95), NOISE)
+  assert _verdict(claims, "(A) quality drops off") == "inconclusive (within seed noise)"
+  # The same gap with a smaller noise counts.
+  claims = table3.verdicts(_ours(a_h32=9.95), {"ppl": 0.01, "bleu": 0.01})
+  assert _verdict(claims, "(A) quality drops off") == "held"
+
+
+def test_verdict_nearly_identical_for_learned_positions():
+  # |10.05 - 10.0| = 0.05 <= max(noise 0.1, 2% of 10 = 0.2) and |dBLEU| 0.1 <= 0.5 -> held.
+  assert _verdict(table3.verdicts(_ours(), NOISE), "(E)") == "held"
+  # 10.25: 0.25 > 0.2 -> not nearly identical, though it is better by less than a point.
+  assert _verdict(table3.verdicts(_ours(e_learned=10.25), NOISE), "(E)") == "did not hold"
+
+
+def test_verdict_label_smoothing_has_two_halves():
   ours = _ours()
-  ours["d_ls0"]["bleu"] = 31.0
-  assert _verdict(table3.verdicts(ours, noise), "(D, section 5.4)") == (
+  ours["d_ls0"]["bleu"] = 31.0  # PPL better without smoothing, but BLEU better too
+  assert _verdict(table3.verdicts(ours, NOISE), "(D, section 5.4)") == (
       "half held (perplexity only)")
-  # Both gaps within the noise -> inconclusive; both the other way -> did not hold.
+  ours["d_ls0"].update(ppl=10.05, bleu=29.0)  # PPL within noise, BLEU better with smoothing
+  assert _verdict(table3.verdicts(ours, NOISE), "(D, section 5.4)") == "half held (BLEU only)"
   ours["d_ls0"].update(ppl=10.05, bleu=30.1)
-  assert _verdict(table3.verdicts(ours, noise), "(D, section 5.4)") == (
+  assert _verdict(table3.verdicts(ours, NOISE), "(D, section 5.4)") == (
       "inconclusive (within seed noise)")
   ours["d_ls0"].update(ppl=11.0, bleu=31.0)  # smoothing lowered PPL and BLEU
-  assert _verdict(table3.verdicts(ours, noise), "(D, section 5.4)") == "did not hold"
+  assert _verdict(table3.verdicts(ours, NOISE), "(D, section 5.4)") == "did not hold"
 
 
-def test_report_of_a_hand_made_sweep(tmp_path, capsys):
+def test_rows_are_grouped_by_seed_and_the_noise_is_the_base_spread():
+  assert table3.row_and_seed("c_n8") == ("c_n8", 0)
+  assert table3.row_and_seed("c_n8_seed2") == ("c_n8", 2)
+  assert table3.row_and_seed("base_seed10") == ("base", 10)
+  rec = lambda ppl, bleu: {"ppl": ppl, "bleu": bleu, "dev_nll": 2.0, "bleu_tok": bleu,  # noqa: E731
+                           "train_nll": 1.0, "params": 7, "overrides": {}}
+  rows = table3.by_row({"base": rec(10.0, 30.0), "base_seed1": rec(10.6, 29.0),
+                        "base_seed2": rec(10.3, 29.9), "a_h1": rec(12.0, 25.0)})
+  assert rows["base"]["seeds"] == [0, 1, 2]
+  assert abs(rows["base"]["ppl"] - 10.3) < 1e-12 and abs(rows["base"]["bleu"] - 29.633333) < 1e-6
+  assert rows["a_h1"]["seeds"] == [0] and rows["a_h1"]["ppl"] == 12.0
+  noise = table3.seed_noise(rows)
+  assert abs(noise["ppl"] - 0.6) < 1e-12 and abs(noise["bleu"] - 1.0) < 1e-12
+  with pytest.raises(ValueError, match="at least 4 seeds of the base; have 3"):
+    table3.seed_noise(rows, min_seeds=4)
+
+
+def test_rows_within_twice_the_noise_get_a_second_seed():
+  ours = _ours(a_h32=10.05, c_d1024=9.0)
+  for r in ours.values():
+    r["seeds"] = [0]
+  ours["a_h16"]["seeds"] = [0, 1]
+  claims = table3.verdicts(ours, NOISE)
+  # (A) many heads: a_h16 (9.9, two seeds) vs a_h32 (10.05): 0.15 <= 2 x 0.1 -> a_h32 only.
+  # (E): e_learned 10.05 vs base 10.0 -> both. (B) base vs b_dk32 (10.4): 0.4 > 0.2, and BLEU
+  # 0.8 > 0.4 -> not close. Everything else is further apart than twice the noise.
+  need = table3.rows_needing_a_seed(ours, claims, NOISE)
+  assert need == ["base", "a_h32", "e_learned"], need
+  spec = {"base_flagfile": "b.flags", "flags": {"x": 1}, "steps": ["train", "evaluate"],
+          "runs": [{"name": "base"}, {"name": "a_h32", "flags": {"num_heads": 32}},
+                   {"name": "e_learned", "flags": {"positional_encoding": "learned"}}]}
+  second = table3.second_seed_spec(spec, need, seed=1)
+  assert [r["name"] for r in second["runs"]] == ["base_seed1", "a_h32_seed1", "e_learned_seed1"]
+  assert second["runs"][1]["flags"] == {"num_heads": 32, "seed": 1, "shuffle_seed": 1}
+  assert second["flags"] == {"x": 1} and second["steps"] == ["train", "evaluate"]
+  with pytest.raises(ValueError, match="not runs of the spec"):
+    table3.second_seed_spec(spec, ["c_n8"])
+
+
+def test_converged_compares_the_budget_with_twice_it():
+  short = {"step": 1000, "ppl": 10.4}
+  assert table3.converged(short, {"step": 2000, "ppl": 10.0})["converged"]       # 4% above
+  result = table3.converged(short, {"step": 2000, "ppl": 9.8})                    # 6.1% above
+  assert not result["converged"] and abs(result["relative_gap"] - (10.4 / 9.8 - 1)) < 1e-12
+
+
+def _write_hand_made_sweep(root, ours):
   spec = sweep.load_spec(os.path.join(table3.REPO, "experiments", "sweeps", "table3_mini.json"))
-  runs = sweep.expand(spec, str(tmp_path))
-  assert [r["name"] for r in runs] == ["base", "base_seed1", *table3.ROWS[1:]]
-  ours = _ours()
+  runs = sweep.expand(spec, str(root))
   for run in runs:
-    workdir = tmp_path / run["name"]
-    workdir.mkdir()
+    workdir = root / run["name"]
+    workdir.mkdir(parents=True)
     (workdir / "run.json").write_text(json.dumps({"name": run["name"], "flags": run["flags"],
                                                   "overrides": run["overrides"]}))
     r = ours[run["name"]]
@@ -113,15 +177,47 @@ def test_report_of_a_hand_made_sweep(tmp_path, capsys):
         "step": 400, "test_perplexity": r["ppl"], "test_nll": r["dev_nll"], "sacrebleu": r["bleu"],
         "bleu_tok_compound_split": r["bleu"] + 0.1}))
     (workdir / "metrics.jsonl").write_text(
-        json.dumps({"kind": "train", "step": 400, "nll": r["train_nll"]}) + "\n")
-  assert table3.main(["report", str(tmp_path)]) == 0
+        json.dumps({"kind": "eval", "step": 200, "nll": 2.5, "perplexity": 12.2}) + "\n"
+        + json.dumps({"kind": "train", "step": 400, "nll": r["train_nll"]}) + "\n"
+        + json.dumps({"kind": "eval", "step": 400, "nll": r["dev_nll"], "perplexity": r["ppl"]})
+        + "\n")
+    (workdir / "status.json").write_text(json.dumps(
+        {"steps": {"train": {"seconds": 300.0}, "evaluate": {"seconds": 60.0}}}))
+  return runs
+
+
+def test_report_of_a_hand_made_sweep_and_of_its_records(tmp_path, capsys):
+  ours = _ours()
+  runs = _write_hand_made_sweep(tmp_path / "sweep", ours)
+  assert [r["name"] for r in runs] == ["base", "base_seed1", *table3.ROWS[1:]]
+  root = str(tmp_path / "sweep")
+  # Two seeds of the base are fewer than the default three: an error, not a verdict.
+  assert table3.main(["report", root]) == 2
+  assert "needs at least 3 seeds of the base; have 2" in capsys.readouterr().err
+  assert table3.main(["report", root, "--min_seeds=2"]) == 0
   out = capsys.readouterr().out
   assert "| a_h1 | num_heads=1, d_k=128, d_v=128 | " in out
-  assert out.count("**held**") == 10
-  assert "Seed noise (|base - base_seed1|): dev PPL 0.100, dev BLEU 0.20" in out
-  for png in ("table3_mini_rows.png", "table3_mini_blocks.png"):
-    assert (tmp_path / "report" / png).stat().st_size > 10_000
+  # base is the mean of 10.0 and 10.1; the spread 0.1 is the noise.
+  assert "| base | - | 1,895,936 | 2 | 1.500 | 10.05 | " in out
+  assert out.count("**held**") == 10, out
+  assert "dev PPL 0.100, dev BLEU 0.20" in out
+  assert "Total wall time of the 21 runs (train + evaluate steps): 2.10 h." in out
+  for png in ("table3_mini_rows.png", "table3_mini_blocks.png", "table3_mini_base_curves.png"):
+    assert (tmp_path / "sweep" / "report" / png).stat().st_size > 10_000
+  # The same report from the committed records, with no sweep directory at all.
+  assert table3.main(["record", root, f"--out={tmp_path / 'records'}"]) == 0
+  capsys.readouterr()
+  record = json.loads((tmp_path / "records" / "c_n8.json").read_text())
+  assert record["curve"] == [{"step": 200, "nll": 2.5, "perplexity": 12.2},
+                             {"step": 400, "nll": 2.0, "perplexity": 9.6}]
+  assert record["seconds"] == {"train": 300.0, "evaluate": 60.0}
+  assert not any("tfds_data_dir" in f or "vocab_path" in f for f in record["flags"])
+  assert table3.main(["report", str(tmp_path / "records"), "--min_seeds=2",
+                      f"--out={tmp_path / 'r2'}"]) == 0
+  out2 = capsys.readouterr().out
+  assert out2.split("\n", 1)[1] == out.split("\n", 1)[1].replace(
+      str(tmp_path / "sweep" / "report"), str(tmp_path / "r2"))
   # A sweep with a run missing is an error, not a partial verdict.
-  (tmp_path / "c_n8" / "validation.latest.json").unlink()
-  assert table3.main(["report", str(tmp_path)]) == 2
+  (tmp_path / "sweep" / "c_n8" / "validation.latest.json").unlink()
+  assert table3.main(["report", root, "--min_seeds=2"]) == 2
   assert "no finished evaluate step for runs c_n8" in capsys.readouterr().err
