@@ -268,15 +268,57 @@ def serving(fakes: Fakes, registered: Optional[dict[str, bytes]] = None,
     server.server_close()
 
 
+@contextlib.contextmanager
+def stalling_in_test_split(marker: str, after: int = 1) -> Iterator[None]:
+  """WMT14 preparation writes `marker` and sleeps once the test split (the last
+  one generated) has yielded `after` examples: train and validation are then
+  written, the dataset is not complete. For tests that kill it there."""
+  import time  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets.translate.wmt14 as wmt14  # pylint: disable=g-import-not-at-top
+
+  cls = wmt14.Wmt14Translate
+  original = cls._generate_examples  # pylint: disable=protected-access
+
+  def generate(self, split_subsets, extraction_map):
+    for i, item in enumerate(original(self, split_subsets, extraction_map)):
+      if "newstest2014" in split_subsets and i == after:
+        with open(marker, "w") as f:
+          f.write("stalled\n")
+        time.sleep(600)
+      yield item
+
+  cls._generate_examples = generate  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    cls._generate_examples = original  # pylint: disable=protected-access
+
+
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--lines", type=int, default=4, help="sentences per fake file")
+  parser.add_argument("--corrupt", action="append", default=[],
+                      help="serve this URL's archive cut in half (checksum registered)")
+  parser.add_argument("--bad_checksum", action="append", default=[],
+                      help="register a wrong checksum for this URL")
+  parser.add_argument("--stall_marker", default=None,
+                      help="write this file and sleep inside the WMT14 test split")
   parser.add_argument("--check_tf", action="store_true",
-                      help="fail if TensorFlow was imported")
+                      help="exit non-zero if TensorFlow was imported")
   args, rest = parser.parse_known_args(argv)
   rest = [a for a in rest if a != "--"]
   from transformer import main as transformer_main  # pylint: disable=g-import-not-at-top
-  with serving(make_fakes(args.lines)):
+  fakes = make_fakes(args.lines)
+  served = dict(fakes.files)
+  registered = dict(fakes.files)
+  for url in args.corrupt:
+    served[url] = registered[url] = corrupt_tgz(fakes.files[url])
+  for url in args.bad_checksum:
+    registered[url] = fakes.files[url] + b"different"
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(serving(fakes, registered=registered, served=served))
+    if args.stall_marker:
+      stack.enter_context(stalling_in_test_split(args.stall_marker))
     sys.argv = ["transformer.main"] + rest
     try:
       transformer_main.run_main()

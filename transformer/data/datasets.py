@@ -435,7 +435,7 @@ _DISK_ERRNOS = {errno.ENOSPC: "the disk is full",
                 errno.EDQUOT: "the disk quota is exceeded"}
 
 
-def _one_line(text: str, limit: int = 400) -> str:
+def _one_line(text, limit: int = 400) -> str:
   text = " ".join(str(text).split())
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
@@ -443,8 +443,8 @@ def _one_line(text: str, limit: int = 400) -> str:
 def describe_failure(error: BaseException) -> str:
   """One line naming the error and its root cause (e.g. a missing module).
 
-  TFDS wraps causes (an `ExtractError` around a `tarfile.ReadError`, ...); the
-  root cause is always shown in full, the wrappers are shortened.
+  TFDS wraps causes (an `ExtractError` around an `EOFError`, ...): the root
+  cause is shown in full, the message of a wrapper around it is shortened.
   """
   chain, seen = [error], {id(error)}
   while True:
@@ -455,14 +455,20 @@ def describe_failure(error: BaseException) -> str:
     chain.append(nxt)
     seen.add(id(nxt))
   root = chain[-1]
-  text = f"{type(error).__name__}: {_one_line(error)}"
-  if root is not error:
-    root_text = f"{type(root).__name__}: {_one_line(root, 1000)}"
-    text += f" [cause: {root_text}]"
-  for e in chain:
-    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
-      text += f" ({_DISK_ERRNOS[e.errno]})"
-      break
+  root_message = " ".join(str(root).split())
+  if root is error:
+    text = f"{type(error).__name__}: {root_message}"
+  else:
+    text = f"{type(error).__name__}: {_one_line(error)}"
+    if root_message and root_message in text:  # already quoted by the wrapper
+      text += f" [cause: {type(root).__name__}]"
+    else:
+      text += f" [cause: {type(root).__name__}: {root_message}]"
+  # array_record reports write failures as RuntimeError text, so match both.
+  for code, hint in _DISK_ERRNOS.items():
+    if any(isinstance(e, OSError) and e.errno == code for e in chain) or (
+        os.strerror(code) in text):
+      return f"{text} ({hint})"
   return text
 
 
