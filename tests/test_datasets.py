@@ -225,3 +225,19 @@ def test_describe_failure_names_disk_problems(error, hint):
     raise RuntimeError("Failed to finalize writing of split 'train'") from error
   except RuntimeError as e:
     assert datasets.describe_failure(e).endswith(hint)
+
+
+def test_parallel_text_over_the_memory_buffer(small_corpus, tmp_path, monkeypatch):
+  """Splits larger than TFDS's shuffle buffer go through on-disk buckets (no TensorFlow)."""
+  from tensorflow_datasets.core import shuffle  # pylint: disable=g-import-not-at-top
+  raw, lines = small_corpus
+  monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1)  # bytes: every record spills
+  added = []
+  original_add = shuffle._Bucket.add  # pylint: disable=protected-access
+  monkeypatch.setattr(shuffle._Bucket, "add",  # pylint: disable=protected-access
+                      lambda self, key, data: added.append(key) or original_add(self, key, data))
+  ds = datasets.get_split(_cfg(raw, "en", "de"), "train", str(tmp_path / "tfds"))
+  assert [(ex["source"], ex["target"]) for ex in ds] == list(
+      zip(lines["train", "en"], lines["train", "de"]))
+  assert len(added) == len(lines["train", "en"]) + len(lines["dev", "en"])
+  assert "tensorflow" not in sys.modules
