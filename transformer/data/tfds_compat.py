@@ -1,6 +1,6 @@
 """Lets TFDS download, extract and write large splits without TensorFlow.
 
-The pinned TFDS (4.9.x) writes array_record without TensorFlow, but three of
+The pinned TFDS (4.9.10) writes array_record without TensorFlow, but three of
 its modules still call TensorFlow through a lazy `tf` module attribute:
 
 - `core/download/extractor.py`: `tf.compat.as_text` on archive member names,
@@ -36,8 +36,8 @@ import threading
 import types
 from typing import Iterator
 
-# TFDS modules whose `tf` attribute is replaced, and the TensorFlow names they
-# may use (every `tf.<name>` in their source must be one of these).
+# TFDS modules whose `tf` attribute is replaced; every `tf.<name>` in their code
+# must be provided by `TF_SUBSET` (checked by `check_modules`).
 PATCHED_MODULES = (
     "tensorflow_datasets.core.download.extractor",
     "tensorflow_datasets.core.shuffle",
