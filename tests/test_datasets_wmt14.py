@@ -172,9 +172,9 @@ def _limit_file_size(limit: int):
 
 
 def test_full_disk_gives_one_error_line_and_next_run_prepares(tmp_path):
-  # 2000 lines per file: downloads and extracted files stay under 200 kB, the
-  # train array_record (~6000 pairs) does not.
-  lines, limit = 2000, 200_000
+  # 1000 lines per file: downloads and extracted files stay under 100 kB, the
+  # train array_record (~3000 pairs) does not.
+  lines, limit = 1000, 100_000
   proc = _cli(tmp_path, lines=lines, preexec_fn=_limit_file_size(limit))
   assert proc.returncode == 2, proc.stderr[-3000:]
   errors = _error_lines(proc.stderr)
