@@ -241,3 +241,13 @@ def test_parallel_text_over_the_memory_buffer(small_corpus, tmp_path, monkeypatc
       zip(lines["train", "en"], lines["train", "de"]))
   assert len(added) == len(lines["train", "en"]) + len(lines["dev", "en"])
   assert "tensorflow" not in sys.modules
+
+
+def test_unsupported_tfds_is_a_data_error(small_corpus, tmp_path, monkeypatch):
+  """A TFDS whose modules call TensorFlow beyond tfds_compat: one DataError, nothing written."""
+  from transformer.data import tfds_compat  # pylint: disable=g-import-not-at-top
+  raw, _ = small_corpus
+  monkeypatch.setattr(tfds_compat, "tf_names_used", lambda module: {"io.gfile.Rename"})
+  with pytest.raises(datasets.DataError, match=r"uses TensorFlow calls \['io.gfile.Rename'\]"):
+    datasets.get_split(_cfg(raw, "en", "de"), "train", str(tmp_path / "tfds"))
+  assert not glob.glob(f"{tmp_path}/tfds/parallel_text/*/1.0.0")

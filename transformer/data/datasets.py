@@ -490,16 +490,17 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
   logging.info("Preparing %s in %s", builder.info.full_name, builder.data_dir)
   local = isinstance(builder, ParallelText) or (
       isinstance(builder, Multi30k) and builder.raw_data_dir)
-  with tfds_compat.without_tensorflow():
+  try:
+    with tfds_compat.without_tensorflow():
+      builder.download_and_prepare(file_format="array_record")
+  except tfds_compat.UnsupportedTfdsError as e:
+    raise DataError(str(e)) from e
+  except Exception as e:  # pylint: disable=broad-except
     if local:  # errors name the local file themselves
-      builder.download_and_prepare(file_format="array_record")
-      return
-    try:
-      builder.download_and_prepare(file_format="array_record")
-    except Exception as e:  # pylint: disable=broad-except
-      raise DataError(
-          f"{builder.info.full_name} is not prepared in {builder.data_dir_root}"
-          f" and preparing it failed: {describe_failure(e)}") from e
+      raise
+    raise DataError(
+        f"{builder.info.full_name} is not prepared in {builder.data_dir_root}"
+        f" and preparing it failed: {describe_failure(e)}") from e
 
 
 def get_split(data_cfg: DataConfig, split: str, data_dir: str) -> ParallelSplit:
