@@ -44,6 +44,13 @@ def add(self, key, data):
   spilled.append(1)
   return original_add(self, key, data)
 shuffle._Bucket.add = add
+from transformer.data import wmt_streaming
+streamed = []
+original_segments = wmt_streaming.iter_segments
+def segments(path):
+  streamed.append(path.rsplit("/", 1)[-1])
+  return original_segments(path)
+wmt_streaming.iter_segments = segments
 
 class BytesTokenizer:  # ids: UTF-8 bytes + 3
   def encode(self, text):
@@ -62,6 +69,7 @@ with wmt_fakes.serving(wmt_fakes.make_fakes(lines)):
           "tokens": [[tok.source(i).tolist(), tok.target(i).tolist()]
                      for i in range(len(tok))]}
 out["spilled"] = len(spilled)
+out["streamed"] = sorted(set(streamed))
 out["tensorflow_imported"] = "tensorflow" in sys.modules
 print("JSON " + json.dumps(out))
 """
@@ -121,6 +129,14 @@ def test_wmt14_and_multi30k_download_prepare_without_tensorflow(tmp_path):
     _check_split(got[f"multi30k:{split}"], fakes.expected[("multi30k", split)], ordered=True)
     n_records += 4
   assert got["spilled"] == n_records  # every record went through a disk bucket
+  # Training text was read line by line (wmt_streaming), giga-fren's .gz included.
+  assert got["streamed"] == sorted(
+      [f"europarl-v7.{xx}-en.{l}" for xx in ("de", "fr") for l in (xx, "en")]
+      + [f"commoncrawl.{xx}-en.{l}" for xx in ("de", "fr") for l in (xx, "en")]
+      + [f"news-commentary-v9.{xx}-en.{l}" for xx in ("de", "fr") for l in (xx, "en")]
+      + ["undoc.2000.fr-en.fr", "undoc.2000.fr-en.en"]
+      + ["giga-fren.release2.fixed.fr.gz", "giga-fren.release2.fixed.en.gz"]
+      + [f"newstest2013.{l}" for l in ("de", "fr", "en")])
 
 
 def _cli(tmp_path, *fake_args, lines=4, preexec_fn=None):

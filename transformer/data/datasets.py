@@ -11,6 +11,7 @@ file order; `get_split` still returns them sorted by `id`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -25,6 +26,7 @@ import tensorflow_datasets as tfds
 
 from transformer.config import DataConfig
 from transformer.data import tfds_compat
+from transformer.data import wmt_streaming
 
 NON_UTF8_POLICIES = ("replace", "skip")
 
@@ -475,7 +477,8 @@ def describe_failure(error: BaseException) -> str:
 def prepare(builder: tfds.core.DatasetBuilder) -> None:
   """Prepares array_record files unless they already exist.
 
-  Runs without TensorFlow (see `tfds_compat`). Downloads, extraction and
+  Runs without TensorFlow (see `tfds_compat`); TFDS's WMT builders read their
+  text files line by line (see `wmt_streaming`). Downloads, extraction and
   writing happen in TFDS's temporary directories, renamed into place only
   when complete, so an interrupted or failed preparation is never taken for
   a prepared dataset and the next call prepares again.
@@ -490,8 +493,10 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
   logging.info("Preparing %s in %s", builder.info.full_name, builder.data_dir)
   local = isinstance(builder, ParallelText) or (
       isinstance(builder, Multi30k) and builder.raw_data_dir)
+  wmt = type(builder).__module__.startswith("tensorflow_datasets.translate.wmt")
   try:
-    with tfds_compat.without_tensorflow():
+    with tfds_compat.without_tensorflow(), (
+        wmt_streaming.streaming_parser() if wmt else contextlib.nullcontext()):
       builder.download_and_prepare(file_format="array_record")
   except tfds_compat.UnsupportedTfdsError as e:
     raise DataError(str(e)) from e
