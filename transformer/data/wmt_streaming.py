@@ -2,9 +2,9 @@
 
 TFDS's `translate/wmt.py` `_parse_parallel_sentences(f1, f2)` reads both files
 of a pair whole (`read_bytes()`, or `gzip.read()` for `.gz`) and splits them
-into lists before yielding pairs: peak memory is several times the text of the
-pair (about 4x the two files' uncompressed size, measured), i.e. tens of GB
-for giga-fren or the UN corpus in WMT14 En-Fr.
+into lists before yielding pairs: peak memory grows to about 3.5 times the
+pair's uncompressed text (`benchmarks/wmt_parse_memory.py`), many GB for the
+giga-fren and UN pairs of WMT14 En-Fr.
 
 `streaming_parser()` replaces that function, for the duration of the block, by
 `parse_parallel_text`, which yields the same keys and examples from plain or
