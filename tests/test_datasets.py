@@ -183,3 +183,71 @@ def test_multi30k_real_validation_against_raw(multi30k_dir, tmp_path):
     assert len(ds) == len(src) == len(tgt)
     for ex, s, t, i in zip(itertools.islice(ds, None), src, tgt, itertools.count()):
       assert ex == {"source": s, "target": t, "id": i}
+
+
+def test_describe_failure_keeps_the_root_cause():
+  """The cause survives however long the wrappers are (the old 300-char cut lost it)."""
+  wrapper = "Error while extracting /" + "very/long/path/" * 40 + "x.tgz"
+  try:
+    try:
+      raise ModuleNotFoundError("No module named 'tensorflow'")
+    except ModuleNotFoundError as e:
+      raise RuntimeError(wrapper + "\nsecond line") from e
+  except RuntimeError as e:
+    text = datasets.describe_failure(e)
+  assert "\n" not in text
+  assert text.startswith("RuntimeError: Error while extracting /very/long/path/")
+  assert text.endswith("[cause: ModuleNotFoundError: No module named 'tensorflow']")
+  assert len(text) < 500  # the wrapper is shortened, not the cause
+
+  # A cause already quoted in full by its wrapper is named, not repeated.
+  try:
+    try:
+      raise EOFError("stream ended")
+    except EOFError as e:
+      raise RuntimeError(f"Error while extracting a.tgz: {e}") from e
+  except RuntimeError as e:
+    assert datasets.describe_failure(e) == (
+        "RuntimeError: Error while extracting a.tgz: stream ended [cause: EOFError]")
+
+  # An error without a cause is reported whole, however long.
+  long = ValueError("checksum " + "x" * 2000 + " Got: y")
+  assert datasets.describe_failure(long) == f"ValueError: {long}"
+
+
+@pytest.mark.parametrize("error, hint", [
+    (OSError(28, "No space left on device"), "(the disk is full)"),
+    (RuntimeError("write() failed: File too large; writing f"),
+     "(a file exceeds the file-size limit)"),
+])
+def test_describe_failure_names_disk_problems(error, hint):
+  try:
+    raise RuntimeError("Failed to finalize writing of split 'train'") from error
+  except RuntimeError as e:
+    assert datasets.describe_failure(e).endswith(hint)
+
+
+def test_parallel_text_over_the_memory_buffer(small_corpus, tmp_path, monkeypatch):
+  """Splits larger than TFDS's shuffle buffer go through on-disk buckets (no TensorFlow)."""
+  from tensorflow_datasets.core import shuffle  # pylint: disable=g-import-not-at-top
+  raw, lines = small_corpus
+  monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1)  # bytes: every record spills
+  added = []
+  original_add = shuffle._Bucket.add  # pylint: disable=protected-access
+  monkeypatch.setattr(shuffle._Bucket, "add",  # pylint: disable=protected-access
+                      lambda self, key, data: added.append(key) or original_add(self, key, data))
+  ds = datasets.get_split(_cfg(raw, "en", "de"), "train", str(tmp_path / "tfds"))
+  assert [(ex["source"], ex["target"]) for ex in ds] == list(
+      zip(lines["train", "en"], lines["train", "de"]))
+  assert len(added) == len(lines["train", "en"]) + len(lines["dev", "en"])
+  assert "tensorflow" not in sys.modules
+
+
+def test_unsupported_tfds_is_a_data_error(small_corpus, tmp_path, monkeypatch):
+  """A TFDS whose modules call TensorFlow beyond tfds_compat: one DataError, nothing written."""
+  from transformer.data import tfds_compat  # pylint: disable=g-import-not-at-top
+  raw, _ = small_corpus
+  monkeypatch.setattr(tfds_compat, "tf_names_used", lambda module: {"io.gfile.Rename"})
+  with pytest.raises(datasets.DataError, match=r"uses TensorFlow calls \['io.gfile.Rename'\]"):
+    datasets.get_split(_cfg(raw, "en", "de"), "train", str(tmp_path / "tfds"))
+  assert not glob.glob(f"{tmp_path}/tfds/parallel_text/*/1.0.0")

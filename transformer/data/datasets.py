@@ -11,7 +11,9 @@ file order; `get_split` still returns them sorted by `id`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import importlib
 import os
@@ -23,6 +25,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from transformer.config import DataConfig
+from transformer.data import tfds_compat
+from transformer.data import wmt_streaming
 
 NON_UTF8_POLICIES = ("replace", "skip")
 
@@ -428,22 +432,80 @@ def _check_local_files(builder: tfds.core.DatasetBuilder) -> None:
       raise FileNotFoundError(f"Raw data file not found: {path}")
 
 
+_DISK_ERRNOS = {errno.ENOSPC: "the disk is full",
+                errno.EFBIG: "a file exceeds the file-size limit",
+                errno.EDQUOT: "the disk quota is exceeded"}
+
+
+def _one_line(text, limit: int = 400) -> str:
+  text = " ".join(str(text).split())
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def describe_failure(error: BaseException) -> str:
+  """One line naming the error and its root cause (e.g. a missing module).
+
+  TFDS wraps causes (an `ExtractError` around an `EOFError`, ...): the root
+  cause is shown in full, the message of a wrapper around it is shortened.
+  """
+  chain, seen = [error], {id(error)}
+  while True:
+    nxt = chain[-1].__cause__ or (None if chain[-1].__suppress_context__
+                                  else chain[-1].__context__)
+    if nxt is None or id(nxt) in seen:
+      break
+    chain.append(nxt)
+    seen.add(id(nxt))
+  root = chain[-1]
+  root_message = " ".join(str(root).split())
+  if root is error:
+    text = f"{type(error).__name__}: {root_message}"
+  else:
+    text = f"{type(error).__name__}: {_one_line(error)}"
+    if root_message and root_message in text:  # already quoted by the wrapper
+      text += f" [cause: {type(root).__name__}]"
+    else:
+      text += f" [cause: {type(root).__name__}: {root_message}]"
+  # array_record reports write failures as RuntimeError text, so match both.
+  for code, hint in _DISK_ERRNOS.items():
+    if any(isinstance(e, OSError) and e.errno == code for e in chain) or (
+        os.strerror(code) in text):
+      return f"{text} ({hint})"
+  return text
+
+
 def prepare(builder: tfds.core.DatasetBuilder) -> None:
-  """Prepares array_record files unless they already exist."""
+  """Prepares array_record files unless they already exist.
+
+  Runs without TensorFlow (see `tfds_compat`); TFDS's WMT builders read their
+  text files line by line (see `wmt_streaming`). Downloads, extraction and
+  writing happen in TFDS's temporary directories, renamed into place only
+  when complete, so an interrupted or failed preparation is never taken for
+  a prepared dataset and the next call prepares again.
+
+  Raises:
+    DataError: preparing a downloaded dataset failed (one line with the cause).
+    FileNotFoundError, ValueError: bad local raw files.
+  """
   if builder.is_prepared():
     return
   _check_local_files(builder)
   logging.info("Preparing %s in %s", builder.info.full_name, builder.data_dir)
-  if isinstance(builder, (ParallelText, Multi30k)):
-    builder.download_and_prepare(file_format="array_record")
-    return
+  local = isinstance(builder, ParallelText) or (
+      isinstance(builder, Multi30k) and builder.raw_data_dir)
+  wmt = type(builder).__module__.startswith("tensorflow_datasets.translate.wmt")
   try:
-    builder.download_and_prepare(file_format="array_record")
+    with tfds_compat.without_tensorflow(), (
+        wmt_streaming.streaming_parser() if wmt else contextlib.nullcontext()):
+      builder.download_and_prepare(file_format="array_record")
+  except tfds_compat.UnsupportedTfdsError as e:
+    raise DataError(str(e)) from e
   except Exception as e:  # pylint: disable=broad-except
-    first = (str(e).strip().splitlines() or [""])[0][:300]
+    if local:  # errors name the local file themselves
+      raise
     raise DataError(
-        f"{builder.info.full_name} is not prepared in {builder.data_dir_root} and"
-        f" preparing it failed ({type(e).__name__}: {first})") from e
+        f"{builder.info.full_name} is not prepared in {builder.data_dir_root}"
+        f" and preparing it failed: {describe_failure(e)}") from e
 
 
 def get_split(data_cfg: DataConfig, split: str, data_dir: str) -> ParallelSplit:
