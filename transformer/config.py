@@ -134,6 +134,7 @@ class TrainConfig:
   log_every_steps: int = 50
   eval_every_steps: int = 1000
   eval_bleu_sentences: int = 0       # dev sentences decoded at each eval (0: none)
+  eval_beam_size: int = 0            # beam of that periodic decode (0: --beam_size)
   checkpoint_every_steps: int = 1000
   keep_checkpoints: int = 20
   max_train_minutes: float = 0.0     # stop early after this wall time (0: no limit)
@@ -148,6 +149,8 @@ class TrainConfig:
         raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
     if self.nonfinite not in ("stop", "skip"):
       raise ConfigError(f"--nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
+    if self.eval_beam_size < 0:
+      raise ConfigError(f"--eval_beam_size must be >= 0, got {self.eval_beam_size}")
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ConfigError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
     return self
@@ -272,7 +275,10 @@ _HELP = {
     "adam_b1": "Adam beta1.", "adam_b2": "Adam beta2.", "adam_eps": "Adam epsilon.",
     "label_smoothing": "eps_ls.", "grad_accum_steps": "Micro-batches per optimizer step.",
     "log_every_steps": "Progress line period.", "eval_every_steps": "Dev evaluation period.",
-    "eval_bleu_sentences": "Dev sentences beam-decoded for BLEU at each eval (0: none).",
+    "eval_bleu_sentences": "Dev sentences beam-decoded for BLEU (--task=parsing: F1) at each"
+                           " eval (0: none).",
+    "eval_beam_size": "Beam size of the periodic dev decode during training (0: --beam_size),"
+                      " e.g. 1 for a cheap F1 learning curve; --mode=evaluate uses --beam_size.",
     "checkpoint_every_steps": "Checkpoint period.", "keep_checkpoints": "Checkpoints kept.",
     "max_train_minutes": "Stop training after this many minutes (0: no limit).",
     "nonfinite": "On a NaN/Inf loss or gradient: 'stop' (diagnostic, last good checkpoint kept)"
