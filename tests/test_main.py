@@ -117,5 +117,5 @@ def test_parsing_train_evaluate_with_tree_constraints(tmp_path):
   [gold] = workdir.glob("*craft_dev.gold.trees")
   assert gold.read_text(encoding="utf-8").splitlines() == [
       "(NP (NNS Results))", "(S (NP (NNS Mice)) (VP (VBD were) (VP (VBN analyzed))) (. .))"]
-  r = main("--mode=plot")
-  assert os.path.exists(r.stdout.strip().splitlines()[-1])
+  from transformer import run  # pylint: disable=g-import-not-at-top
+  assert os.path.exists(run.plot(str(workdir)))  # draws the periodic F1 of metrics.jsonl

@@ -115,7 +115,7 @@ class DataConfig:
   shuffle_seed: int = 0
   eval_tokens_per_batch: int = 8192
   non_utf8: str = "replace"         # 'replace' | 'skip'
-  parsing_extra_train: str = ""     # parsing: extra tree files for training (semi-supervised)
+  parsing_extra_train: str = ""     # parsing: extra tree files/directories for training
   evalb_params: Optional[str] = None  # parsing: EVALB .prm file; None -> built-in COLLINS.prm
 
 
@@ -242,13 +242,15 @@ _HELP = {
     "decode": "Internal: build the autoregressive decoder (set by the code).",
     "task": "translation (BLEU) | parsing (EVALB F1, section 6.3).",
     "dataset": "multi30k | parallel_text | wmt14_translate/de-en | wmt14_translate/fr-en |"
-               " ptb_wsj (sections 02-21/22/23) | ptb_wsj_sample (NLTK WSJ sample).",
+               " ptb_wsj (sections 02-21/22/23) | ptb_wsj_sample (NLTK WSJ sample) |"
+               " craft_treebank (CRAFT: <raw_data_dir>/{train,dev}/*.tree).",
     "source_lang": "Source language code (translation direction is explicit).",
     "target_lang": "Target language code.",
     "raw_data_dir": "Local directory with raw text files (no download).",
     "tfds_data_dir": "TFDS data dir (array_record). Default: <workdir>/tfds.",
     "train_split": "Training split.", "eval_split": "Dev split for periodic evaluation.",
-    "test_split": "Split scored by --mode=evaluate.",
+    "test_split": "Split scored by --mode=evaluate. --task=parsing: a split with a '/' is a"
+                  " directory of *.tree / *.mrg files, read directly (e.g. ../craft/test/).",
     "parallel_text_splits": "For dataset=parallel_text: 'train=/p/train,validation=/p/dev' prefixes.",
     "spm_model_type": "SentencePiece model type: bpe (paper) | unigram | word (whole"
                       " whitespace-separated words, rarer ones UNK: parsing, where each source"
@@ -257,8 +259,9 @@ _HELP = {
     "spm_max_sentences": "Sentences sampled to train SentencePiece.",
     "spm_split_by_unicode_script": "SentencePiece splits letters from punctuation (off for"
                                    " parsing, so '(NP' is one piece).",
-    "parsing_extra_train": "Comma-separated extra tree files for training (relative to"
-                           " --raw_data_dir), e.g. for the semi-supervised setting.",
+    "parsing_extra_train": "Comma-separated extra tree files or directories (their *.tree /"
+                           " *.mrg files) for training, relative to --raw_data_dir, e.g. for"
+                           " the semi-supervised setting or another treebank's train split.",
     "evalb_params": "EVALB parameter file (default: built-in COLLINS.prm).",
     "vocab_path": "Existing SentencePiece model (default: <workdir>/spm.model, trained if absent).",
     "max_source_length": "Drop training pairs whose source is longer (tokens).",
