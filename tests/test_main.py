@@ -85,7 +85,13 @@ def test_parsing_train_evaluate_with_tree_constraints(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
-  main("--mode=train", "--num_train_steps=10")
+  # Periodic dev F1 (greedy, constrained) on 4 trees spread over the 8, in metrics.jsonl.
+  main("--mode=train", "--num_train_steps=10", "--eval_bleu_sentences=4", "--eval_beam_size=1")
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  evals = [x for x in records if x["kind"] == "eval"]
+  assert [x["step"] for x in evals] == [10]
+  assert 0 <= evals[0]["f1"] <= 100 and evals[0]["repaired"] == 0
+  assert evals[0]["sentence_f1"] == evals[0]["f1"]  # WSJ: every tree is a sentence
   r = main("--mode=evaluate", "--checkpoint=latest")
   m = re.search(r"F1 validation\[:8\] \(latest step 10, beam 2, alpha 0.3\): ([\d.]+) "
                 r"\(P [\d.]+ R [\d.]+; exact match [\d.]+; repaired (\d+)/8; EVALB COLLINS.prm\)",
@@ -96,3 +102,20 @@ def test_parsing_train_evaluate_with_tree_constraints(tmp_path):
   assert len(gold) == len(test) == 8
   for g, t in zip(gold, test):
     assert parse_tree(t).leaves() == parse_tree(g).leaves()
+  assert re.search(r"F1 validation\[:8\], sentence trees only \(8 of 8; no TITLE/HEADING/CAPTION/CIT"
+                   r" root\): [\d.]+ ", r.stdout), r.stdout
+  # Any directory of CRAFT-format trees (one per line) is parsed and scored as a split.
+  craft = tmp_path / "craft_dev"
+  craft.mkdir()
+  (craft / "1.tree").write_text(
+      "( (HEADING (NP (NNS Results))) )\n"
+      "( (S (NP-SBJ-1 (NNS Mice)) (VP (VBD were) (VP (VBN analyzed) (NP-1 (-NONE- *))))"
+      " (. .)) )\n", encoding="utf-8")
+  r = main("--mode=evaluate", "--checkpoint=latest", f"--test_split={craft}")
+  assert re.search(r"repaired 0/2; EVALB COLLINS.prm\)", r.stdout), r.stdout
+  assert re.search(r"sentence trees only \(1 of 2;", r.stdout), r.stdout
+  [gold] = workdir.glob("*craft_dev.gold.trees")
+  assert gold.read_text(encoding="utf-8").splitlines() == [
+      "(NP (NNS Results))", "(S (NP (NNS Mice)) (VP (VBD were) (VP (VBN analyzed))) (. .))"]
+  from transformer import run  # pylint: disable=g-import-not-at-top
+  assert os.path.exists(run.plot(str(workdir)))  # draws the periodic F1 of metrics.jsonl

@@ -327,6 +327,30 @@ def test_parsing_report_and_write_trees(tmp_path):
     parsing.parsing_report([], examples)
 
 
+def test_parsing_report_sentence_trees_only():
+  # Roots as in CRAFT: the non-sentence roots (here CAPTION, HEADING) are left out of the
+  # 'sentence_' scores; an example without 'root' is a sentence unless its gold root is one.
+  examples = [dict(_example(PP_GOLD, 0), root="CAPTION"), dict(_example(CAT_GOLD, 1), root="S"),
+              dict(_example(JOHN, 2), root="HEADING"), _example(JOHN, 3)]
+  hyps = [parsing.linearize(parse_tree(PP_TEST)), parsing.linearize(parse_tree(CAT_TEST)),
+          "(S (NP XX )NP (VP XX (NP XX XX )NP )VP XX", parsing.linearize(parse_tree(JOHN))]
+  report = parsing.parsing_report(hyps, examples)
+  # All four: PP 6 of 6 gold / 7 test, CAT 3 / 5 / 5, John twice 4 / 4 / 4.
+  assert (report["matched_brackets"], report["gold_brackets"], report["test_brackets"]) == (
+      17, 19, 20)
+  assert report["f1"] == pytest.approx(100 * 2 * 17 / 39)
+  # Sentence trees: CAT (3 of 5 gold, 5 test) and the second John (exact).
+  assert report["sentence_sentences"] == 2
+  assert (report["sentence_matched_brackets"], report["sentence_gold_brackets"],
+          report["sentence_test_brackets"]) == (7, 9, 9)
+  assert report["sentence_f1"] == pytest.approx(100 * 7 / 9)
+  assert report["sentence_exact_match"] == pytest.approx(50.0)
+  assert report["repaired"] == 1 and report["sentence_repaired"] == 0
+  # Without any non-sentence root the two reports agree.
+  plain = parsing.parsing_report(hyps[1:2], examples[1:2])
+  assert plain["sentence_f1"] == plain["f1"] == pytest.approx(60.0)
+
+
 # ----------------------------------------------------------------------------
 # Constrained beam search.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import re
 import os
 from pathlib import Path
 import shutil
@@ -194,7 +195,7 @@ def test_sample_tfds_split(sample_dir, tmp_path):
   assert len(treebank.get_parsing_split(cfg, "train", data_dir)) == 3396
   assert [e["id"] for e in treebank.get_parsing_split(cfg, "validation[:5]", data_dir)] == [
       0, 1, 2, 3, 4]
-  files = glob.glob(f"{data_dir}/ptb_parsing/sample/1.0.0/*.array_record-*")
+  files = glob.glob(f"{data_dir}/ptb_parsing/sample/1.1.0/*.array_record-*")
   assert {os.path.basename(f).split(".")[0] for f in files} == {
       "ptb_parsing-train", "ptb_parsing-validation"}
   with pytest.raises(datasets.DataError, match="no split 'test'"):
@@ -251,6 +252,173 @@ def test_missing_data(tmp_path):
   cfg = DataConfig(dataset="ptb_wsj_sample", raw_data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError, match="wsj_0001.mrg"):
     treebank.get_parsing_split(cfg, "train", str(tmp_path / "tfds"))
-  assert not glob.glob(f"{tmp_path}/tfds/ptb_parsing/*/1.0.0/dataset_info.json")
+  assert not glob.glob(f"{tmp_path}/tfds/ptb_parsing/*/*/dataset_info.json")
   with pytest.raises(datasets.DataError, match="not a parsing dataset"):
     treebank.get_parsing_split(DataConfig(dataset="multi30k"), "train", str(tmp_path))
+
+
+# ----------------------------------------------------------------------------
+# CRAFT: one tree per line, Treebank-II annotation, OntoNotes tags, document roots.
+
+# Hand-written lines in the CRAFT format, each with its expected normalised tree and raw root.
+CRAFT_LINES = [
+    # Function tags and co-indices; an object trace (NP-1 holding only -NONE-) vanishes.
+    ("( (S (NP-SBJ-1 (NNS Mice)) (VP (VBD were) (VP (VBN analyzed) (NP-1 (-NONE- *))"
+     " (PP-LOC (IN in) (NP (NN vivo))))) (. .)) )",
+     "(S (NP (NNS Mice)) (VP (VBD were) (VP (VBN analyzed) (PP (IN in) (NP (NN vivo)))))"
+     " (. .))", "S"),
+    # -NONE- subtrees that leave empty phrases (SBAR -> S -> only traces), -LRB-/-RRB-.
+    ("( (S (NP-SBJ (PRP We)) (VP (VBD found) (SBAR (-NONE- 0) (S (-NONE- *T*-2)))"
+     " (PRN (-LRB- -LRB-) (NP (NN Fig.) (CD 1)) (-RRB- -RRB-))) (. .)) )",
+     "(S (NP (PRP We)) (VP (VBD found) (PRN (-LRB- -LRB-) (NP (NN Fig.) (CD 1))"
+     " (-RRB- -RRB-))) (. .))", "S"),
+    # OntoNotes HYPH, NML, AFX are kept.
+    ("( (NP (DT an) (NML (VB knock) (HYPH -) (RP in)) (NN allele) (PP (IN of) (NP (AFX pre)"
+     " (HYPH -) (NN mRNA)))) )",
+     "(NP (DT an) (NML (VB knock) (HYPH -) (RP in)) (NN allele) (PP (IN of) (NP (AFX pre)"
+     " (HYPH -) (NN mRNA))))", "NP"),
+    # TITLE over one phrase: unwrapped.
+    ("( (TITLE (FRAG (NP (NN Intraocular) (NN pressure)) (: :) (NP (DT an) (NN update)))) )",
+     "(FRAG (NP (NN Intraocular) (NN pressure)) (: :) (NP (DT an) (NN update)))", "TITLE"),
+    # HEADING: unwrapped.
+    ("( (HEADING (NP (NNS Results))) )", "(NP (NNS Results))", "HEADING"),
+    # CAPTION over a sentence with a function-tagged root child.
+    ("( (CAPTION (S-IMP (NP-SBJ (-NONE- *PRO*)) (VP (VB See) (NP (NN text))) (. .))) )",
+     "(S (VP (VB See) (NP (NN text))) (. .))", "CAPTION"),
+    # CIT over bare tagged words: several pieces -> TOP (deleted by COLLINS.prm).
+    ("( (CIT (-LRB- -LRB-) (NNP Ludwig) (FW et) (FW al.) (CD 1992) (-RRB- -RRB-) (. .)) )",
+     "(TOP (-LRB- -LRB-) (NNP Ludwig) (FW et) (FW al.) (CD 1992) (-RRB- -RRB-) (. .))", "CIT"),
+    # A thin space (U+2009) and a hair space (U+200A) inside words are deleted.
+    ("( (NP (NN Xpd\u200aTTD) (HYPH /) (NN Bmp7\u2009)) )",
+     "(NP (NN XpdTTD) (HYPH /) (NN Bmp7))", "NP"),
+]
+
+
+def test_craft_lines_normalised():
+  for raw, want, root in CRAFT_LINES:
+    tree = treebank.parse_tree(raw)
+    assert treebank.normalize_tree(tree).to_string() == want, raw
+    assert treebank.root_label(tree) == root, raw
+  assert [treebank.is_sentence_root(r) for _, _, r in CRAFT_LINES] == [
+      True, True, True, False, False, False, False, True]
+  # A wrapper over several children has root TOP.
+  assert treebank.root_label(treebank.parse_tree("( (NP (NN a)) (. .) )")) == "TOP"
+
+
+def _write_craft_dir(root: Path) -> None:
+  (root / "train").mkdir(parents=True)
+  (root / "dev").mkdir()
+  # Trees 0-3 in b.tree, 4-7 in a.tree (files are read in name order: a, then b).
+  (root / "train" / "b.tree").write_text(
+      "\n".join(raw for raw, _, _ in CRAFT_LINES[:4]) + "\n", encoding="utf-8")
+  (root / "train" / "a.tree").write_text(
+      "\n".join(raw for raw, _, _ in CRAFT_LINES[4:]) + "\n\n", encoding="utf-8")
+  (root / "dev" / "c.tree").write_text(CRAFT_LINES[4][0] + "\n" + CRAFT_LINES[0][0] + "\n",
+                                       encoding="utf-8")
+  (root / "dev" / "notes.txt").write_text("not a tree file", encoding="utf-8")
+
+
+def test_craft_directory_dataset(tmp_path):
+  raw = tmp_path / "craft"
+  _write_craft_dir(raw)
+  files = treebank.split_files(str(raw), "directory")
+  assert {k: [os.path.basename(p) for p in v] for k, v in files.items()} == {
+      "train": ["a.tree", "b.tree"], "validation": ["c.tree"]}
+  cfg = DataConfig(dataset="craft_treebank", raw_data_dir=str(raw), task="parsing")
+  data_dir = str(tmp_path / "tfds")
+  train = datasets.get_split(cfg, "train", data_dir)
+  order = CRAFT_LINES[4:] + CRAFT_LINES[:4]
+  assert [ex["tree"] for ex in train] == [want for _, want, _ in order]
+  assert [ex["root"] for ex in train] == [root for _, _, root in order]
+  assert [ex["file"] for ex in train] == ["a"] * 4 + ["b"] * 4
+  assert train[3]["source"] == "XpdTTD / Bmp7"
+  assert train[3]["target"] == "(NP XX XX XX )NP"
+  assert train[1]["target"] == "(S (VP XX (NP XX )NP )VP XX )S"
+  dev = treebank.get_parsing_split(cfg, "dev", data_dir)
+  assert [(ex["root"], ex["tree"]) for ex in dev] == [
+      ("HEADING", "(NP (NNS Results))"), ("S", CRAFT_LINES[0][1])]
+  assert glob.glob(f"{data_dir}/craft_treebank/directory.*/1.1.0/dataset_info.json")
+  with pytest.raises(datasets.DataError, match="no split 'test'"):
+    treebank.get_parsing_split(cfg, "test", data_dir)
+  # A split given as a directory path is read directly, in file order, optionally sliced.
+  direct = treebank.get_parsing_split(cfg, str(raw / "train"), "")
+  assert [ex["tree"] for ex in direct] == [ex["tree"] for ex in train]
+  assert [ex["id"] for ex in direct] == list(range(8))
+  part = datasets.get_split(cfg, str(raw / "train") + "[2:4]", data_dir)
+  assert [(ex["id"], ex["root"]) for ex in part] == [(0, "CIT"), (1, "NP")]
+  # The CRAFT train directory as extra training trees of another treebank.
+  extra = DataConfig(dataset="craft_treebank", raw_data_dir=str(raw),
+                     parsing_extra_train=os.path.join("train"))
+  assert [os.path.basename(p) for p in treebank._extra_train_files(extra)] == [
+      "a.tree", "b.tree"]
+  extended = treebank.get_parsing_split(extra, "train", data_dir)
+  assert [ex["tree"] for ex in extended] == [ex["tree"] for ex in train] * 2
+  assert [ex["file"] for ex in extended][8:] == [""] * 8
+
+
+def test_craft_directory_errors(tmp_path):
+  raw = tmp_path / "craft"
+  (raw / "train").mkdir(parents=True)
+  (raw / "dev").mkdir()
+  # An empty split directory.
+  with pytest.raises(FileNotFoundError, match=r"no tree files .* in .*craft/train"):
+    treebank.split_files(str(raw), "directory")
+  (raw / "train" / "a.tree").write_text(CRAFT_LINES[0][0] + "\n", encoding="utf-8")
+  with pytest.raises(FileNotFoundError, match=r"craft/dev"):
+    treebank.split_files(str(raw), "directory")
+  os.rmdir(raw / "dev")
+  with pytest.raises(FileNotFoundError, match=r"no dev or validation directory"):
+    treebank.split_files(str(raw), "directory")
+  with pytest.raises(FileNotFoundError, match="treebank directory not found: .*nothing_here"):
+    treebank.read_directory_split(str(raw / "nothing_here"))
+  # A malformed tree on line 3 (one ')' missing): the error names the file and the line.
+  (raw / "dev").mkdir()
+  bad = raw / "dev" / "17194222.tree"
+  bad.write_text(CRAFT_LINES[1][0] + "\n" + CRAFT_LINES[4][0] + "\n"
+                 + "( (S (NP (NN a)) (VP (VBZ is)) )\n", encoding="utf-8")
+  where = re.escape(f"{bad}:3: unbalanced '('")
+  cfg = DataConfig(dataset="craft_treebank", raw_data_dir=str(raw), task="parsing")
+  data_dir = str(tmp_path / "tfds")
+  with pytest.raises(treebank.TreeError, match=where):
+    treebank.get_parsing_split(cfg, "dev", data_dir)
+  with pytest.raises(treebank.TreeError, match=where):
+    treebank.read_directory_split(str(raw / "dev"))
+  # Two trees on one line, and a ')' too many.
+  bad.write_text(CRAFT_LINES[4][0] + " " + CRAFT_LINES[4][0] + "\n", encoding="utf-8")
+  with pytest.raises(treebank.TreeError, match=re.escape(f"{bad}:1: expected one tree") + ".*2"):
+    treebank.read_mrg_file(str(bad))
+  bad.write_text("\n( (NP (NN a))) )\n", encoding="utf-8")
+  with pytest.raises(treebank.TreeError, match=re.escape(f"{bad}:2: unbalanced ')'")):
+    treebank.read_mrg_file(str(bad))
+  # Nothing half-made: with the file fixed, the dataset prepares from scratch.
+  bad.write_text(CRAFT_LINES[4][0] + "\n", encoding="utf-8")
+  assert [ex["tree"] for ex in treebank.get_parsing_split(cfg, "dev", data_dir)] == [
+      "(NP (NNS Results))"]
+
+
+def test_craft_shared_dev_split():
+  """The shared CRAFT dev articles: tree and root counts against a raw-text count."""
+  dev_dir = (Path(os.environ.get("TRANSFORMER_DATA_DIR", _DEFAULT_DATA_DIR))
+             / "craft_treebank" / "dev")
+  if not dev_dir.is_dir():
+    pytest.fail(f"{dev_dir} not found: set TRANSFORMER_DATA_DIR to the shared data directory")
+  want_roots: dict[str, int] = {}
+  n_lines = 0
+  for path in sorted(dev_dir.glob("*.tree")):
+    for line in path.read_text(encoding="utf-8").split("\n"):
+      if line.strip():
+        n_lines += 1
+        label = re.match(r"\(\s*\(([^\s()]+)", line).group(1)
+        label = re.split(r"[-=]", label)[0]
+        want_roots[label] = want_roots.get(label, 0) + 1
+  assert n_lines == 2780  # PROVENANCE.md
+  split = treebank.read_directory_split(str(dev_dir))
+  assert len(split) == 2780
+  got: dict[str, int] = {}
+  for ex in split:
+    got[ex["root"]] = got.get(ex["root"], 0) + 1
+    assert len(ex["source"].split()) == ex["target"].split().count("XX")
+    assert "-NONE-" not in ex["tree"] and "\u200a" not in ex["source"]
+  assert got == want_roots
+  assert sum(n for r, n in got.items() if treebank.is_sentence_root(r)) == 2780 - (
+      want_roots["CAPTION"] + want_roots["HEADING"] + want_roots["TITLE"])

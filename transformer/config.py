@@ -115,7 +115,7 @@ class DataConfig:
   shuffle_seed: int = 0
   eval_tokens_per_batch: int = 8192
   non_utf8: str = "replace"         # 'replace' | 'skip'
-  parsing_extra_train: str = ""     # parsing: extra tree files for training (semi-supervised)
+  parsing_extra_train: str = ""     # parsing: extra tree files/directories for training
   evalb_params: Optional[str] = None  # parsing: EVALB .prm file; None -> built-in COLLINS.prm
 
 
@@ -134,6 +134,7 @@ class TrainConfig:
   log_every_steps: int = 50
   eval_every_steps: int = 1000
   eval_bleu_sentences: int = 0       # dev sentences decoded at each eval (0: none)
+  eval_beam_size: int = 0            # beam of that periodic decode (0: --beam_size)
   checkpoint_every_steps: int = 1000
   keep_checkpoints: int = 20
   max_train_minutes: float = 0.0     # stop early after this wall time (0: no limit)
@@ -148,6 +149,8 @@ class TrainConfig:
         raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
     if self.nonfinite not in ("stop", "skip"):
       raise ConfigError(f"--nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
+    if self.eval_beam_size < 0:
+      raise ConfigError(f"--eval_beam_size must be >= 0, got {self.eval_beam_size}")
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ConfigError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
     return self
@@ -239,13 +242,15 @@ _HELP = {
     "decode": "Internal: build the autoregressive decoder (set by the code).",
     "task": "translation (BLEU) | parsing (EVALB F1, section 6.3).",
     "dataset": "multi30k | parallel_text | wmt14_translate/de-en | wmt14_translate/fr-en |"
-               " ptb_wsj (sections 02-21/22/23) | ptb_wsj_sample (NLTK WSJ sample).",
+               " ptb_wsj (sections 02-21/22/23) | ptb_wsj_sample (NLTK WSJ sample) |"
+               " craft_treebank (CRAFT: <raw_data_dir>/{train,dev}/*.tree).",
     "source_lang": "Source language code (translation direction is explicit).",
     "target_lang": "Target language code.",
     "raw_data_dir": "Local directory with raw text files (no download).",
     "tfds_data_dir": "TFDS data dir (array_record). Default: <workdir>/tfds.",
     "train_split": "Training split.", "eval_split": "Dev split for periodic evaluation.",
-    "test_split": "Split scored by --mode=evaluate.",
+    "test_split": "Split scored by --mode=evaluate. --task=parsing: a split with a '/' is a"
+                  " directory of *.tree / *.mrg files, read directly (e.g. ../craft/test/).",
     "parallel_text_splits": "For dataset=parallel_text: 'train=/p/train,validation=/p/dev' prefixes.",
     "spm_model_type": "SentencePiece model type: bpe (paper) | unigram | word (whole"
                       " whitespace-separated words, rarer ones UNK: parsing, where each source"
@@ -254,8 +259,9 @@ _HELP = {
     "spm_max_sentences": "Sentences sampled to train SentencePiece.",
     "spm_split_by_unicode_script": "SentencePiece splits letters from punctuation (off for"
                                    " parsing, so '(NP' is one piece).",
-    "parsing_extra_train": "Comma-separated extra tree files for training (relative to"
-                           " --raw_data_dir), e.g. for the semi-supervised setting.",
+    "parsing_extra_train": "Comma-separated extra tree files or directories (their *.tree /"
+                           " *.mrg files) for training, relative to --raw_data_dir, e.g. for"
+                           " the semi-supervised setting or another treebank's train split.",
     "evalb_params": "EVALB parameter file (default: built-in COLLINS.prm).",
     "vocab_path": "Existing SentencePiece model (default: <workdir>/spm.model, trained if absent).",
     "max_source_length": "Drop training pairs whose source is longer (tokens).",
@@ -272,7 +278,10 @@ _HELP = {
     "adam_b1": "Adam beta1.", "adam_b2": "Adam beta2.", "adam_eps": "Adam epsilon.",
     "label_smoothing": "eps_ls.", "grad_accum_steps": "Micro-batches per optimizer step.",
     "log_every_steps": "Progress line period.", "eval_every_steps": "Dev evaluation period.",
-    "eval_bleu_sentences": "Dev sentences beam-decoded for BLEU at each eval (0: none).",
+    "eval_bleu_sentences": "Dev sentences beam-decoded for BLEU (--task=parsing: F1) at each"
+                           " eval (0: none).",
+    "eval_beam_size": "Beam size of the periodic dev decode during training (0: --beam_size),"
+                      " e.g. 1 for a cheap F1 learning curve; --mode=evaluate uses --beam_size.",
     "checkpoint_every_steps": "Checkpoint period.", "keep_checkpoints": "Checkpoints kept.",
     "max_train_minutes": "Stop training after this many minutes (0: no limit).",
     "nonfinite": "On a NaN/Inf loss or gradient: 'stop' (diagnostic, last good checkpoint kept)"

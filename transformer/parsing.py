@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer.config import EOS_ID, PAD_ID, UNK_ID
-from transformer.data.treebank import Tree, TreeError, parse_tree
+from transformer.data.treebank import Tree, TreeError, is_sentence_root, parse_tree
 
 PLACEHOLDER = "XX"  # stands for a POS-tagged word in linearised trees
 REPAIR_ROOT_LABEL = "TOP"  # wraps several top-level pieces; deleted by COLLINS.prm
@@ -527,18 +527,27 @@ def parsing_report(hyp_sequences: Sequence[str], examples: Sequence[Mapping[str,
 
   Returns `evalb`'s keys ('f1', 'precision', 'recall', 'exact_match',
   'sentences', ...) plus 'repaired' (hypotheses that needed at least one
-  repair) and 'repairs' (total repair operations).
+  repair) and 'repairs' (total repair operations), for all trees; and the same
+  keys prefixed 'sentence_' for the sentence trees only: those whose raw root
+  (the example's 'root', else the gold tree's root label) is not one of
+  CRAFT's non-sentence roots (TITLE, HEADING, CAPTION, CIT).
   """
-  golds = []
+  golds, is_sentence = [], []
   for ex in examples:
     gold, _, _ = _gold(ex)
     if gold is None:
       raise ValueError("parsing_report needs examples with a gold 'tree'")
     golds.append(gold)
+    is_sentence.append(is_sentence_root(ex.get("root") or gold.label))
   predicted = predict_trees(hyp_sequences, examples)
   report = evalb(golds, [t for t, _ in predicted], params)
   report["repaired"] = sum(r > 0 for _, r in predicted)
   report["repairs"] = sum(r for _, r in predicted)
+  keep = [i for i, ok in enumerate(is_sentence) if ok]
+  sub = evalb([golds[i] for i in keep], [predicted[i][0] for i in keep], params)
+  sub["repaired"] = sum(predicted[i][1] > 0 for i in keep)
+  sub["repairs"] = sum(predicted[i][1] for i in keep)
+  report.update({"sentence_" + k: v for k, v in sub.items()})
   return report
 
 

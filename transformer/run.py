@@ -55,8 +55,9 @@ class Setup:
     return jax.process_index() == 0
 
 
-def _searcher(s: Setup) -> BeamSearcher:
-  """The jitted beam search; for parsing with --tree_constraints, only well-formed trees."""
+def _searcher(s: Setup, beam_size: int = 0) -> BeamSearcher:
+  """The jitted beam search (beam_size > 0 overrides --beam_size); for parsing with
+  --tree_constraints, only well-formed trees."""
   constraint = None
   if s.cfg.data.task == "parsing" and s.cfg.decode.tree_constraints:
     pieces = [s.tokenizer.id_to_piece(i) for i in range(s.tokenizer.vocab_size)]
@@ -64,7 +65,9 @@ def _searcher(s: Setup) -> BeamSearcher:
       constraint = parsing.TreeConstraint.from_pieces(pieces)
     except ValueError as e:
       raise ConfigError(f"--tree_constraints: {e} (or pass --notree_constraints)") from e
-  return BeamSearcher(s.model_cfg, s.cfg.decode, s.mesh, s.trainer.state_shardings.params,
+  decode_cfg = (dataclasses.replace(s.cfg.decode, beam_size=beam_size) if beam_size > 0
+                else s.cfg.decode)
+  return BeamSearcher(s.model_cfg, decode_cfg, s.mesh, s.trainer.state_shardings.params,
                       constraint)
 
 
@@ -173,7 +176,7 @@ def eval_loss(s: Setup, params, tokenized) -> dict[str, float]:
 def translate_tokenized(s: Setup, searcher: BeamSearcher, params, tokenized,
                         progress: bool = False) -> list[str]:
   """Beam-search every source of `tokenized`; hypotheses in the original order."""
-  beam = s.cfg.decode.beam_size
+  beam = searcher.decode_cfg.beam_size
   batches = pipeline.make_eval_batches(tokenized, max(s.cfg.decode.decode_tokens_per_batch // beam, 1),
                                        _boundaries(s.cfg), sharding.batch_size_multiple(s.mesh))
   hyps: list[Optional[str]] = [None] * len(tokenized)
@@ -284,7 +287,11 @@ def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
       train_tok, cfg.data, batch_multiple=sharding.batch_size_multiple(s.mesh),
       process_index=jax.process_index(), process_count=jax.process_count())
   eval_examples, eval_tok = _tokenize(s, cfg.data.eval_split, train=False)
-  bleu_examples = eval_examples[:min(tcfg.eval_bleu_sentences, len(eval_examples))]
+  n_decode = min(tcfg.eval_bleu_sentences, len(eval_examples))
+  if cfg.data.task == "parsing":  # spread over the split (its files), not its first file
+    bleu_examples = [eval_examples[i * len(eval_examples) // n_decode] for i in range(n_decode)]
+  else:
+    bleu_examples = eval_examples[:n_decode]
   bleu_tok = pipeline.tokenize_split(bleu_examples, s.tokenizer) if bleu_examples else None
 
   latest, restored = _restore_latest_good(ckpt, s.trainer.abstract_state)
@@ -302,7 +309,7 @@ def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
       json.dump(_saved_config(s), f, indent=2)
   logging.info("model: %d parameters; mesh %s; %d devices", num_params, dict(s.mesh.shape),
                jax.device_count())
-  searcher = _searcher(s)
+  searcher = _searcher(s, tcfg.eval_beam_size)  # periodic dev decode
 
   accum = tcfg.grad_accum_steps  # micro-batches per optimizer update
   step = int(state.step) // accum  # state.step counts micro-batches
@@ -376,8 +383,11 @@ def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
           hyps = translate_tokenized(s, searcher, state.params, bleu_tok)
           if cfg.data.task == "parsing":
             rep = parsing.parsing_report(hyps, bleu_examples, _evalb_params(cfg))
-            ev.update(f1=rep["f1"], repaired=rep["repaired"])
-            quality = f" | F1 {rep['f1']:.2f} ({len(bleu_examples)} sents, {rep['repaired']} repaired)"
+            ev.update(f1=rep["f1"], repaired=rep["repaired"], exact_match=rep["exact_match"],
+                      sentence_f1=rep["sentence_f1"])
+            quality = (f" | F1 {rep['f1']:.2f} (sentence trees {rep['sentence_f1']:.2f};"
+                       f" {len(bleu_examples)} trees, beam {searcher.decode_cfg.beam_size},"
+                       f" {rep['repaired']} repaired)")
           else:
             ev["bleu"] = evaluate_lib.sacrebleu_score(
                 hyps, [ex["target"] for ex in bleu_examples]).score
@@ -503,6 +513,11 @@ def evaluate(cfg: Config, workdir: str, which: str = "latest",
           f" R {report['recall']:.2f}; exact match {report['exact_match']:.2f};"
           f" repaired {report['repaired']}/{len(hyps)}; EVALB"
           f" {os.path.basename(cfg.data.evalb_params or 'COLLINS.prm')})")
+    print(f"F1 {cfg.data.test_split}, sentence trees only ({report['sentence_sentences']} of"
+          f" {report['sentences']}; no TITLE/HEADING/CAPTION/CIT root):"
+          f" {report['sentence_f1']:.2f} (P {report['sentence_precision']:.2f}"
+          f" R {report['sentence_recall']:.2f}; exact match {report['sentence_exact_match']:.2f};"
+          f" repaired {report['sentence_repaired']}/{report['sentence_sentences']})")
     return report
   print(f"BLEU {cfg.data.source_lang}->{cfg.data.target_lang} {cfg.data.test_split}"
         f" ({which} step {step}, beam {cfg.decode.beam_size}, alpha {cfg.decode.alpha}):"

@@ -35,9 +35,18 @@ def plot_learning_curves(workdir: str, out_path: str) -> str:
   ax.set(title="dev perplexity", xlabel="step")
   ax = axes[1, 0]
   bleu = [r for r in evals if "bleu" in r]
+  f1 = [r for r in evals if "f1" in r]  # --task=parsing
   if bleu:
     ax.plot([r["step"] for r in bleu], [r["bleu"] for r in bleu], "o-")
-  ax.set(title="dev sacreBLEU (subset decoded during training)", xlabel="step")
+  if f1:
+    ax.plot([r["step"] for r in f1], [r["f1"] for r in f1], "o-", label="all trees")
+    sent = [r for r in f1 if "sentence_f1" in r]
+    if sent:
+      ax.plot([r["step"] for r in sent], [r["sentence_f1"] for r in sent], "s--",
+              label="sentence trees")
+    ax.legend()
+  ax.set(title=("dev F1 (EVALB; subset decoded during training)" if f1 and not bleu
+                else "dev sacreBLEU (subset decoded during training)"), xlabel="step")
   ax = axes[1, 1]
   ax.plot([r["step"] for r in train], [r["lr"] for r in train])
   ax.set(title="learning rate", xlabel="step")
