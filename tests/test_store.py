@@ -137,6 +137,23 @@ def test_keyed_by_vocabulary_and_split(tmp_path, examples, toks):
     store.open_or_build(changed, toks[0], str(tmp_path))
 
 
+def test_read_only_root_falls_back(tmp_path, examples, toks, monkeypatch):
+  shared, own = str(tmp_path / "shared"), str(tmp_path / "workdir")
+  real_mkdtemp = store.tempfile.mkdtemp
+
+  def mkdtemp(prefix="", dir=None):  # pylint: disable=redefined-builtin
+    if dir.startswith(shared):
+      raise PermissionError(13, "Read-only file system", dir)
+    return real_mkdtemp(prefix=prefix, dir=dir)
+
+  monkeypatch.setattr(store.tempfile, "mkdtemp", mkdtemp)
+  d, _, built = store.open_or_build(examples, toks[0], shared, fallback_root=own)
+  assert built and d.startswith(own) and store.is_complete(d)
+  assert store.open_or_build(examples, toks[0], shared, fallback_root=own)[:3:2] == (d, False)
+  with pytest.raises(store.StoreError, match="cannot write the tokenized store"):
+    store.open_or_build(examples, toks[1], shared)
+
+
 def test_interrupted_or_damaged_store_is_never_read(tmp_path, examples, toks, monkeypatch):
   tok = toks[0]
   root = str(tmp_path)

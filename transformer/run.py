@@ -216,7 +216,8 @@ def _open_store(cfg: Config, workdir: str, split: str, tok: tokenizer_lib.Tokeni
   workers = cfg.data.tokenize_workers or store.default_workers()
   opener = functools.partial(datasets.get_split, cfg.data, split, data_dir)
   directory, meta, built = _chief_first(lambda: store.open_or_build(
-      examples, tok, _store_root(cfg, workdir), workers=workers, opener=opener))
+      examples, tok, _store_root(cfg, workdir), workers=workers, opener=opener,
+      fallback_root=os.path.join(workdir, "tokenized")))
   return examples, directory, meta, built
 
 

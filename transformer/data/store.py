@@ -26,6 +26,7 @@ batches (and the OS page cache shares them between processes on one host).
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import json
 import multiprocessing
 import os
@@ -338,26 +339,42 @@ def _fsync(path: str) -> None:
 
 
 def open_or_build(examples: Sequence[dict[str, Any]], tokenizer, root: str,
-                  workers: int = 1, opener: Optional[Callable[[], Sequence]] = None
-                  ) -> tuple[str, dict[str, Any], bool]:
+                  workers: int = 1, opener: Optional[Callable[[], Sequence]] = None,
+                  fallback_root: Optional[str] = None) -> tuple[str, dict[str, Any], bool]:
   """(store directory, meta, whether it was built now) of `examples` under `root`.
 
-  `examples` needs `name`, `source_lang` and `target_lang` (`datasets.ParallelSplit`).
+  `examples` needs `name`, `source_lang` and `target_lang` (`datasets.ParallelSplit`). A
+  complete store under `root`, else under `fallback_root`, is opened; a missing one is built
+  under `root`, or under `fallback_root` when `root` is read-only (e.g. shared data mounted
+  read-only on the training nodes).
   """
   name = getattr(examples, "name", "")
   src = getattr(examples, "source_lang", "source")
   tgt = getattr(examples, "target_lang", "target")
   fp = tokenizer.fingerprint()
-  directory = store_dir(root, name, src, tgt, fp)
   want = key(name, src, tgt, fp, len(examples))
-  meta = _read_meta(directory)
-  if meta is not None:
-    got = {k: meta.get(k) for k in want}
-    if got != want:
-      raise StoreError(f"tokenized store {directory} was built for {got}, not {want};"
-                       " move it away to rebuild")
-    return directory, meta, False
-  return directory, build(examples, tokenizer, directory, want, workers, opener), True
+  roots = [root] + ([fallback_root] if fallback_root and fallback_root != root else [])
+  for r in roots:
+    directory = store_dir(r, name, src, tgt, fp)
+    meta = _read_meta(directory)
+    if meta is not None:
+      got = {k: meta.get(k) for k in want}
+      if got != want:
+        raise StoreError(f"tokenized store {directory} was built for {got}, not {want};"
+                         " move it away to rebuild")
+      return directory, meta, False
+  for i, r in enumerate(roots):
+    directory = store_dir(r, name, src, tgt, fp)
+    try:
+      return directory, build(examples, tokenizer, directory, want, workers, opener), True
+    except OSError as e:
+      if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        raise
+      if i + 1 == len(roots):
+        raise StoreError(f"cannot write the tokenized store {directory}: {e}") from e
+      logging.warning("cannot write under %s (%s); building the store under %s", r, e,
+                      roots[i + 1])
+  raise AssertionError("unreachable")
 
 
 def default_workers() -> int:
