@@ -29,7 +29,8 @@ FLAGS = flags.FLAGS
 config_lib.define_flags(FLAGS)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, vocabulary, metrics, outputs.")
 flags.DEFINE_enum("mode", "train",
-                  ["prepare", "train", "evaluate", "translate", "average", "plot", "attention"], "What to do.")
+                  ["prepare", "train", "evaluate", "translate", "average", "plot", "attention"],
+                  "What to do.")
 flags.DEFINE_string("checkpoint", "latest",
                     "Checkpoint for evaluate/translate: 'latest', 'averaged' or a step number.")
 flags.DEFINE_string("input", None, "translate: input file (default stdin).")
