@@ -14,7 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from transformer.config import EOS_ID, PAD_ID
+from transformer import config as config_lib
+from transformer.config import EOS_ID, PAD_ID, ConfigError
 from transformer.data import pipeline, store, tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -317,14 +318,14 @@ def test_prepare_twice_then_errors(tmp_path, multi30k_dir):
   assert "(now)" not in r.stdout and "trained now" not in r.stdout
   assert mtimes == {p: os.path.getmtime(os.path.join(p, "meta.json")) for p in mtimes}
 
-  for extra, message in ((["--tokenize_workers=-1"], "--tokenize_workers must be >= 0"),
-                         ([f"--raw_data_dir={tmp_path / 'nowhere'}", f"--workdir={tmp_path / 'w2'}"],
-                          "--raw_data_dir not found")):
-    r = subprocess.run(_prepare_cmd(workdir, multi30k_dir) + extra, cwd=REPO, env=_env(),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0
-    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], r.stderr[-2000:]
+  r = subprocess.run(_prepare_cmd(tmp_path / "w2", tmp_path / "nowhere"), cwd=REPO, env=_env(),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "--raw_data_dir not found" in errors[0], r.stderr[-2000:]
+  assert not (tmp_path / "w2").exists()  # nothing half-made
+  with pytest.raises(ConfigError, match="--tokenize_workers must be >= 0"):
+    config_lib.from_args(["--tokenize_workers=-1"])
 
 
 def _free_port() -> int:
