@@ -46,6 +46,9 @@ flags.DEFINE_integer("spm_max_sentences", 1_000_000, "Sentences sampled to train
 flags.DEFINE_integer("tokenize_workers", 0, "Processes building the store (0: min(CPUs, 8)).")
 flags.DEFINE_integer("batches", 300, "Timed batches per iterate phase (after 20 warm-up).")
 flags.DEFINE_bool("legacy", True, "Also time the in-memory tokenize_split path.")
+flags.DEFINE_list("phases", ["prepare", "first_start", "restart", "iterate", "iterate_2proc"],
+                  "Phases to run (the legacy ones follow --legacy); e.g. restart,iterate to"
+                  " measure again on an existing store.")
 flags.DEFINE_string("phase", "", "Internal: run one phase and print its result.")
 flags.DEFINE_integer("process_index", 0, "Internal: iterate phase's process index.")
 flags.DEFINE_integer("process_count", 1, "Internal: iterate phase's process count.")
@@ -210,8 +213,19 @@ def _phase(name: str) -> dict:
                  non_pad_tokens_per_batch=tokens / FLAGS.batches,
                  process_index=FLAGS.process_index, process_count=FLAGS.process_count)
   out["seconds"] = time.time() - t0
+  # Encoding workers (spawned: their ru_maxrss also counts this process's RSS when started).
   out["children_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+  out["peak_rss_mib"] = _vm_hwm_mib()
   return out
+
+
+def _vm_hwm_mib() -> float:
+  """This process's peak RSS since exec (VmHWM; ru_maxrss would include the forking parent's)."""
+  with open("/proc/self/status", encoding="utf-8") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024
+  return float("nan")
 
 
 class _Opener:
@@ -249,7 +263,7 @@ def _finish(proc, log: str) -> dict:
   if proc.returncode != 0 or len(lines) != 1:
     raise RuntimeError(f"phase failed (exit {proc.returncode}), log {log}:\n{text[-3000:]}")
   result = json.loads(lines[0][len(MARK):])
-  result["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
+  result["ru_maxrss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux; includes the driver at fork
   return result
 
 
@@ -279,28 +293,32 @@ def main(argv):
   logs = os.path.join(FLAGS.workdir, "logs")
   os.makedirs(logs, exist_ok=True)
   corpus = make_corpus(os.path.join(FLAGS.workdir, "corpus"), FLAGS.pairs, FLAGS.words)
-  phases = {"prepare": _run("prepare", logs), "first_start": _run("first_start", logs),
-            "restart": _run("restart", logs)}
+  phases = {}
+  for name in ("prepare", "first_start", "restart"):
+    if name in FLAGS.phases:
+      phases[name] = _run(name, logs)
   if FLAGS.legacy:
     phases["legacy_first_start"] = _run("legacy_first_start", logs)
     phases["legacy_restart"] = _run("legacy_restart", logs)
-  phases["iterate"] = _run("iterate", logs)
-  procs = [(_start("iterate", os.path.join(logs, f"iterate_2proc_{p}.log"), p, 2),
-            os.path.join(logs, f"iterate_2proc_{p}.log")) for p in range(2)]
-  phases["iterate_2proc"] = [_finish(p, log) for p, log in procs]
+  if "iterate" in FLAGS.phases:
+    phases["iterate"] = _run("iterate", logs)
+  if "iterate_2proc" in FLAGS.phases:
+    procs = [(_start("iterate", os.path.join(logs, f"iterate_2proc_{p}.log"), p, 2),
+              os.path.join(logs, f"iterate_2proc_{p}.log")) for p in range(2)]
+    phases["iterate_2proc"] = [_finish(p, log) for p, log in procs]
   r = _recipe()
   print(json.dumps({
       "benchmark": "input_pipeline", "pairs": FLAGS.pairs, "corpus": corpus,
       "vocab_size": FLAGS.vocab_size, "spm_max_sentences": FLAGS.spm_max_sentences,
       "tokens_per_batch": int(r["tokens_per_batch"]), "bucket_boundaries": r["bucket_boundaries"],
-      "prepare_seconds": phases["prepare"]["seconds"],
-      "first_start_seconds": phases["first_start"]["seconds_to_first_batch"],
-      "restart_seconds": phases["restart"]["seconds_to_first_batch"],
+      "prepare_seconds": phases.get("prepare", {}).get("seconds"),
+      "first_start_seconds": phases.get("first_start", {}).get("seconds_to_first_batch"),
+      "restart_seconds": phases.get("restart", {}).get("seconds_to_first_batch"),
       "legacy_first_start_seconds": phases.get("legacy_first_start", {}).get(
           "seconds_to_first_batch"),
       "legacy_restart_seconds": phases.get("legacy_restart", {}).get("seconds_to_first_batch"),
-      "batches_per_s": phases["iterate"]["batches_per_s"],
-      "batches_per_s_2proc": [x["batches_per_s"] for x in phases["iterate_2proc"]],
+      "batches_per_s": phases.get("iterate", {}).get("batches_per_s"),
+      "batches_per_s_2proc": [x["batches_per_s"] for x in phases.get("iterate_2proc", [])],
       "peak_rss_mib": {k: ([x["peak_rss_mib"] for x in v] if isinstance(v, list)
                            else v["peak_rss_mib"]) for k, v in phases.items()},
       "phases": phases, "cpu": _cpu_model(), "cpus": os.cpu_count()}, indent=None))
