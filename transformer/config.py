@@ -115,6 +115,7 @@ class DataConfig:
   shuffle_seed: int = 0
   eval_tokens_per_batch: int = 8192
   non_utf8: str = "replace"         # 'replace' | 'skip'
+  tokenize_workers: int = 0         # processes building a tokenized store (0: min(cpus, 8))
   parsing_extra_train: str = ""     # parsing: extra tree files/directories for training
   evalb_params: Optional[str] = None  # parsing: EVALB .prm file; None -> built-in COLLINS.prm
 
@@ -272,6 +273,8 @@ _HELP = {
                          " the split's length distribution.",
     "shuffle_seed": "Data order seed.", "eval_tokens_per_batch": "Tokens per eval batch.",
     "non_utf8": "Policy for undecodable bytes: replace | skip.",
+    "tokenize_workers": "Processes that encode a split into its tokenized store, each reading"
+                        " its own rows (0: min(CPUs, 8)).",
     "seed": "Parameter init and dropout seed.", "num_train_steps": "Training steps.",
     "warmup_steps": "warmup_steps of the learning rate schedule.",
     "learning_rate_scale": "Multiplier of d_model^-0.5 * min(step^-0.5, step*warmup^-1.5).",
@@ -333,6 +336,8 @@ def from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Config:
   cfg.decode.validate()
   if cfg.data.task not in ("translation", "parsing"):
     raise ConfigError(f"--task must be translation or parsing, got {cfg.data.task!r}")
+  if cfg.data.tokenize_workers < 0:
+    raise ConfigError(f"--tokenize_workers must be >= 0, got {cfg.data.tokenize_workers}")
   if cfg.data.tokens_per_batch <= 0:
     raise ConfigError(f"--tokens_per_batch must be positive, got {cfg.data.tokens_per_batch}")
   if cfg.data.spm_model_type not in ("bpe", "unigram", "word", "char"):

@@ -1,9 +1,11 @@
 r"""Entry point: flags -> frozen config -> library calls.
 
   python -m transformer.main --flagfile=experiments/cpu/multi30k_en_de.flags \
-      --workdir=/tmp/m30k --mode=train|evaluate|translate|average
+      --workdir=/tmp/m30k --mode=prepare|train|evaluate|translate|average
 
 Modes:
+  prepare    prepare the data of every split, train the vocabulary and tokenize each split
+             once into a store next to the data (a second run does nothing)
   train      train (resuming from the workdir's latest checkpoint), evaluating on the dev split
   average    average the last --num_average checkpoints (or --average_window_steps of steps)
              into <workdir>/averaged
@@ -27,7 +29,8 @@ FLAGS = flags.FLAGS
 config_lib.define_flags(FLAGS)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, vocabulary, metrics, outputs.")
 flags.DEFINE_enum("mode", "train",
-                  ["train", "evaluate", "translate", "average", "plot", "attention"], "What to do.")
+                  ["prepare", "train", "evaluate", "translate", "average", "plot", "attention"],
+                  "What to do.")
 flags.DEFINE_string("checkpoint", "latest",
                     "Checkpoint for evaluate/translate: 'latest', 'averaged' or a step number.")
 flags.DEFINE_string("input", None, "translate: input file (default stdin).")
@@ -61,7 +64,9 @@ def main(argv):
   from transformer import run  # pylint: disable=g-import-not-at-top  (imports jax)
   try:
     cfg = config_lib.from_flags(FLAGS)
-    if FLAGS.mode == "train":
+    if FLAGS.mode == "prepare":
+      run.prepare(cfg, FLAGS.workdir)
+    elif FLAGS.mode == "train":
       run.train(cfg, FLAGS.workdir)
     elif FLAGS.mode == "average":
       run.average(cfg, FLAGS.workdir)

@@ -1,4 +1,5 @@
-"""Workflows behind `main.py`'s modes: train (with periodic eval), average, evaluate, translate.
+"""Workflows behind `main.py`'s modes: prepare, train (with periodic eval), average, evaluate,
+translate.
 
 Everything here takes the frozen `Config` and a workdir; nothing reads flags.
 """
@@ -6,6 +7,7 @@ Everything here takes the frozen `Config` and a workdir; nothing reads flags.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -23,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from transformer import checkpoints, evaluate as evaluate_lib, parsing, sharding
 from transformer.config import EOS_ID, Config, ConfigError, ModelConfig
-from transformer.data import datasets, pipeline, tokenizer as tokenizer_lib
+from transformer.data import datasets, pipeline, store, tokenizer as tokenizer_lib
 from transformer.decode import BeamSearcher
 from transformer.metrics_writer import MetricsWriter
 from transformer.train import Trainer, count_params
@@ -33,8 +35,8 @@ class NonFiniteError(RuntimeError):
   """Training produced a NaN/Inf loss or gradient and --nonfinite=stop."""
 
 
-USER_ERRORS = (ConfigError, checkpoints.CheckpointError, datasets.DataError, FileNotFoundError,
-               ValueError, NonFiniteError)
+USER_ERRORS = (ConfigError, checkpoints.CheckpointError, datasets.DataError, store.StoreError,
+               FileNotFoundError, ValueError, NonFiniteError)
 
 
 # ----------------------------------------------------------------------------
@@ -204,12 +206,107 @@ def _boundaries(cfg: Config) -> str:
   return cfg.data.bucket_boundaries  # '8,16,...' or 'auto:K[:M]' (pipeline.parse_boundaries)
 
 
+def _store_root(cfg: Config, workdir: str) -> str:
+  """Tokenized stores live next to the prepared TFDS data (see transformer/data/store.py)."""
+  return os.path.join(_data_dir(cfg, workdir), "tokenized")
+
+
+def _open_store(cfg: Config, workdir: str, split: str, tok: tokenizer_lib.Tokenizer):
+  """(examples, store directory, meta, built now) of `split`: the chief builds a missing store
+  (in --tokenize_workers processes, each reading its own rows); the others then open it."""
+  data_dir = _data_dir(cfg, workdir)
+  examples = _chief_first(lambda: datasets.get_split(cfg.data, split, data_dir))
+  workers = cfg.data.tokenize_workers or store.default_workers()
+  opener = functools.partial(datasets.get_split, cfg.data, split, data_dir)
+  directory, meta, built = _chief_first(lambda: store.open_or_build(
+      examples, tok, _store_root(cfg, workdir), workers=workers, opener=opener,
+      fallback_root=os.path.join(workdir, "tokenized")))
+  return examples, directory, meta, built
+
+
 def _tokenize(s: Setup, split: str, train: bool):
-  examples = datasets.get_split(s.cfg.data, split, _data_dir(s.cfg, s.workdir))
+  """(examples, tokenized split read from its store); training drops too long/empty pairs."""
+  examples, directory, _, _ = _open_store(s.cfg, s.workdir, split, s.tokenizer)
   if train:
-    return examples, pipeline.tokenize_split(examples, s.tokenizer, s.cfg.data.max_source_length,
-                                             s.cfg.data.max_target_length, drop_empty=True)
-  return examples, pipeline.tokenize_split(examples, s.tokenizer)
+    return examples, store.StoredSplit(directory, s.cfg.data.max_source_length,
+                                       s.cfg.data.max_target_length, drop_empty=True)
+  return examples, store.StoredSplit(directory)
+
+
+# ----------------------------------------------------------------------------
+# --mode=prepare
+# ----------------------------------------------------------------------------
+
+def _split_names(cfg: Config) -> list[str]:
+  return list(dict.fromkeys((cfg.data.train_split, cfg.data.eval_split, cfg.data.test_split)))
+
+
+def _is_tfds_prepared(cfg: Config, data_dir: str) -> bool:
+  if cfg.data.dataset in ("ptb_wsj", "ptb_wsj_sample"):
+    from transformer.data import treebank  # pylint: disable=g-import-not-at-top
+    return treebank.make_parsing_builder(cfg.data, data_dir).is_prepared()
+  return datasets.make_builder(cfg.data, data_dir).is_prepared()
+
+
+def _dir_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def prepare(cfg: Config, workdir: str) -> dict[str, Any]:
+  """Everything a training job reads, made once: the TFDS data of every split the run uses,
+  the SentencePiece model (trained unless it exists) and each split's tokenized store.
+
+  Run it where the data can be downloaded, with the --tfds_data_dir/--vocab_path (or the
+  --workdir) the training job will use. Several processes: the chief does the work, the
+  others wait and then check that they can read the result. A second run changes nothing.
+  """
+  sharding.maybe_initialize_distributed(cfg.mesh)
+  t0 = time.time()
+  data_dir, vocab_path = _data_dir(cfg, workdir), _vocab_path(cfg, workdir)
+  splits = _split_names(cfg)
+  tfds_done = _is_tfds_prepared(cfg, data_dir)
+  examples = {}
+  for split in splits:
+    examples[split] = _chief_first(lambda split=split: datasets.get_split(cfg.data, split,
+                                                                          data_dir))
+  vocab_done = os.path.exists(vocab_path)
+  if not vocab_done and jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(vocab_path)), exist_ok=True)
+  tok = _chief_first(lambda: tokenizer_lib.load_or_train(
+      vocab_path, lambda: examples[cfg.data.train_split].sentences(), cfg.model.vocab_size,
+      model_type=cfg.data.spm_model_type, character_coverage=cfg.data.spm_character_coverage,
+      max_sentences=cfg.data.spm_max_sentences, seed=cfg.train.seed,
+      split_by_unicode_script=cfg.data.spm_split_by_unicode_script))
+  report: dict[str, Any] = {
+      "tfds_data_dir": os.path.abspath(data_dir), "tfds_prepared_now": not tfds_done,
+      "vocab_path": os.path.abspath(vocab_path), "vocab_trained_now": not vocab_done,
+      "vocab_size": tok.vocab_size, "vocab_sha256": tok.fingerprint(), "stores": []}
+  for split in splits:
+    _, directory, meta, built = _open_store(cfg, workdir, split, tok)
+    store.StoredSplit(directory)  # every process can read it
+    report["stores"].append({"split": split, "path": directory, "built_now": built,
+                             "rows": meta["rows"], "source_tokens": meta["source_tokens"],
+                             "target_tokens": meta["target_tokens"],
+                             "bytes": sum(meta["file_bytes"].values())})
+  report["seconds"] = round(time.time() - t0, 3)
+  report["did_nothing"] = not (report["tfds_prepared_now"] or report["vocab_trained_now"]
+                               or any(x["built_now"] for x in report["stores"]))
+  if jax.process_index() == 0:
+    now = lambda b: "now" if b else "already there"
+    rows = ", ".join(f"{split} {len(examples[split])}" for split in splits)
+    print(f"tfds: {report['tfds_data_dir']} ({now(not tfds_done)}): {rows} examples,"
+          f" {_dir_bytes(data_dir) - _dir_bytes(_store_root(cfg, workdir))} bytes")
+    print(f"vocabulary: {report['vocab_path']} ({'trained now' if not vocab_done else 'already there'}):"
+          f" {tok.vocab_size} pieces, sha256 {tok.fingerprint()[:16]}")
+    for x in report["stores"]:
+      print(f"tokenized {x['split']}: {x['path']} ({now(x['built_now'])}): {x['rows']} rows,"
+            f" {x['source_tokens']} + {x['target_tokens']} tokens, {x['bytes']} bytes")
+    if report["did_nothing"]:
+      print("prepare: nothing to do, everything was already prepared")
+    else:
+      print(f"prepare: done in {report['seconds']:.1f} s; train with the same --tfds_data_dir"
+            f" and --vocab_path (or --workdir)")
+  return report
 
 
 # ----------------------------------------------------------------------------

@@ -58,6 +58,8 @@ class TokenizedSplit:
   def __post_init__(self):
     self.source_offsets = _offsets(self.source_lengths)
     self.target_offsets = _offsets(self.target_lengths)
+    self.source_starts = self.source_offsets[:-1]  # [n] where each row starts
+    self.target_starts = self.target_offsets[:-1]
 
   def __len__(self) -> int:
     return len(self.index)
@@ -280,23 +282,27 @@ def _chunk_rows(members: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def collate(tokenized: TokenizedSplit, rows: np.ndarray, length: int) -> Batch:
-  """Pads the pairs at positions `rows` (-1: padding row) to [len(rows), length]."""
+  """Pads the pairs at positions `rows` (-1: padding row) to [len(rows), length].
+
+  `tokenized` is a `TokenizedSplit` or a `store.StoredSplit`: only the tokens of `rows` are
+  read (a memory-mapped store reads just those pages).
+  """
   rows = np.asarray(rows, dtype=np.int64)
   valid = rows >= 0
   real = rows[valid]
   cols = np.arange(length)
   out = {}
-  for key, tokens, offsets in (
-      ("inputs", tokenized.source_tokens, tokenized.source_offsets),
-      ("targets", tokenized.target_tokens, tokenized.target_offsets)):
-    starts = offsets[real]
-    lens = offsets[real + 1] - starts
+  for key, tokens, starts, lengths in (
+      ("inputs", tokenized.source_tokens, tokenized.source_starts, tokenized.source_lengths),
+      ("targets", tokenized.target_tokens, tokenized.target_starts, tokenized.target_lengths)):
+    starts, lens = starts[real], lengths[real]
     if len(lens) and lens.max() > length:
       raise ValueError(f"A sequence of length {lens.max()} does not fit in {length}")
-    mask = cols[None, :] < lens[:, None]
-    gather = np.minimum(starts[:, None] + cols[None, :], len(tokens) - 1)
+    mask = cols[None, :] < lens[:, None]  # [real rows, length]
+    block = np.full((len(real), length), PAD_ID, dtype=np.int32)
+    block[mask] = tokens[(starts[:, None] + cols[None, :])[mask]]
     padded = np.full((len(rows), length), PAD_ID, dtype=np.int32)
-    padded[valid] = np.where(mask, tokens[gather], PAD_ID)
+    padded[valid] = block
     out[key] = padded
   index = np.full(len(rows), -1, dtype=np.int32)
   index[valid] = tokenized.index[real]

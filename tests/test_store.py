@@ -1,0 +1,389 @@
+"""The tokenized store: contents, key, atomicity, plans and per-process reads, --mode=prepare."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from transformer import config as config_lib
+from transformer.config import EOS_ID, PAD_ID, ConfigError
+from transformer.data import pipeline, store, tokenizer as tokenizer_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Examples(list):
+  """A split as `datasets.get_split` returns it: random access plus name and direction."""
+  name = "toy/1.0.0/train[:600]"
+  source_lang, target_lang = "en", "de"
+
+
+class _Opener:
+  """Picklable () -> the examples (for the store's worker processes)."""
+
+  def __init__(self, examples):
+    self.rows = [dict(x) for x in examples]
+
+  def __call__(self):
+    return _Examples(self.rows)
+
+
+def _lines(path, n):
+  with open(path, encoding="utf-8") as f:
+    return [next(f).rstrip("\n") for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def examples(multi30k_dir):
+  en, de = _lines(multi30k_dir / "train.en", 600), _lines(multi30k_dir / "train.de", 600)
+  rows = [{"source": s, "target": t, "id": 1000 + i} for i, (s, t) in enumerate(zip(en, de))]
+  rows[5]["target"] = ""                                  # empty: dropped for training
+  rows[9]["source"] = " ".join(en[:12])                   # long: dropped by max_source_length
+  return _Examples(rows)
+
+
+@pytest.fixture(scope="module")
+def toks(tmp_path_factory, examples):
+  """Two different vocabularies trained on the examples."""
+  d = tmp_path_factory.mktemp("spm")
+  sents = [x for ex in examples for x in (ex["source"], ex["target"]) if x]
+  out = []
+  for size in (300, 350):
+    tokenizer_lib.train_sentencepiece(sents, str(d / f"spm{size}.model"), size)
+    out.append(tokenizer_lib.Tokenizer.load(str(d / f"spm{size}.model")))
+  return out
+
+
+def _oracle(examples, tok):
+  """Per line: Tokenizer.encode + EOS (the independent computation)."""
+  return ([tok.encode(ex["source"]) + [EOS_ID] for ex in examples],
+          [tok.encode(ex["target"]) + [EOS_ID] for ex in examples])
+
+
+def test_store_equals_an_independent_encode(tmp_path, examples, toks):
+  tok = toks[0]
+  directory, meta, built = store.open_or_build(examples, tok, str(tmp_path))
+  assert built and meta["rows"] == len(examples) and meta["dtype"] == "uint16"
+  assert directory == os.path.join(str(tmp_path), "toy", "1.0.0",
+                                   f"train_600.en-de.{tok.fingerprint()[:16]}")
+  src, tgt = _oracle(examples, tok)
+  full = store.StoredSplit(directory)
+  assert len(full) == len(examples) and full.counts["kept"] == len(examples)
+  for i in range(len(examples)):
+    assert full.source(i).tolist() == src[i] and full.target(i).tolist() == tgt[i]
+  assert full.ids.tolist() == [ex["id"] for ex in examples]
+  assert meta["source_tokens"] == sum(map(len, src))
+
+  # The training view: the filters of tokenize_split, applied from the lengths alone.
+  limit = 40
+  train = store.StoredSplit(directory, limit, limit, drop_empty=True)
+  want = [i for i in range(len(examples))
+          if 1 < len(src[i]) <= limit and 1 < len(tgt[i]) <= limit]
+  assert 5 not in want and 9 not in want and len(want) < len(examples) - 1
+  assert train.index.tolist() == want
+  assert [train.source(j).tolist() for j in range(len(train))] == [src[i] for i in want]
+  old = pipeline.tokenize_split(examples, tok, limit, limit, drop_empty=True)
+  assert train.counts == old.counts
+  for name in ("index", "ids", "source_lengths", "target_lengths"):
+    np.testing.assert_array_equal(getattr(train, name), getattr(old, name))
+
+  # A collated batch: rows padded by hand from the oracle.
+  rows = np.array([3, -1, 0, 7])
+  batch = pipeline.collate(train, rows, 48)
+  for r, j in enumerate(rows):
+    want_src = np.full(48, PAD_ID)
+    if j >= 0:
+      ids = src[want[j]]
+      want_src[:len(ids)] = ids
+    np.testing.assert_array_equal(batch["inputs"][r], want_src)
+  assert batch["index"].tolist() == [want[3], -1, want[0], want[7]]
+
+  # Built once: the second call reads it.
+  assert store.open_or_build(examples, tok, str(tmp_path))[2] is False
+
+
+def test_parallel_build_equals_serial(tmp_path, examples, toks, monkeypatch):
+  monkeypatch.setattr(store, "_TASK_ROWS", 128)  # 5 ranges over 2 worker processes
+  monkeypatch.setattr(store, "_CHUNK_ROWS", 50)
+  d1, _, _ = store.open_or_build(examples, toks[0], str(tmp_path / "serial"))
+  d2, meta, _ = store.open_or_build(examples, toks[0], str(tmp_path / "parallel"), workers=2,
+                                    opener=_Opener(examples))
+  assert meta["workers"] == 2
+  for name in store._FILES:  # pylint: disable=protected-access
+    np.testing.assert_array_equal(np.load(os.path.join(d1, name)), np.load(os.path.join(d2, name)))
+
+
+def test_keyed_by_vocabulary_and_split(tmp_path, examples, toks):
+  d300, _, _ = store.open_or_build(examples, toks[0], str(tmp_path))
+  d350, _, built = store.open_or_build(examples, toks[1], str(tmp_path))
+  assert built and d350 != d300
+  src, _ = _oracle(examples, toks[1])
+  assert store.StoredSplit(d350).source(2).tolist() == src[2]
+  assert store.StoredSplit(d300).meta["vocab_sha256"] == toks[0].fingerprint()
+  other = _Examples(examples[:100])
+  other.name = "toy/1.0.0/train[:100]"
+  assert store.open_or_build(other, toks[0], str(tmp_path))[0] != d300
+  # Same name, other contents (e.g. the data re-prepared): refused, not silently reused.
+  changed = _Examples(examples[:100])
+  with pytest.raises(store.StoreError, match="was built for"):
+    store.open_or_build(changed, toks[0], str(tmp_path))
+
+
+def test_read_only_root_falls_back(tmp_path, examples, toks, monkeypatch):
+  shared, own = str(tmp_path / "shared"), str(tmp_path / "workdir")
+  real_mkdtemp = store.tempfile.mkdtemp
+
+  def mkdtemp(prefix="", dir=None):  # pylint: disable=redefined-builtin
+    if dir.startswith(shared):
+      raise PermissionError(13, "Read-only file system", dir)
+    return real_mkdtemp(prefix=prefix, dir=dir)
+
+  monkeypatch.setattr(store.tempfile, "mkdtemp", mkdtemp)
+  d, _, built = store.open_or_build(examples, toks[0], shared, fallback_root=own)
+  assert built and d.startswith(own) and store.is_complete(d)
+  assert store.open_or_build(examples, toks[0], shared, fallback_root=own)[:3:2] == (d, False)
+  with pytest.raises(store.StoreError, match="cannot write the tokenized store"):
+    store.open_or_build(examples, toks[1], shared)
+
+
+def test_interrupted_or_damaged_store_is_never_read(tmp_path, examples, toks, monkeypatch):
+  tok = toks[0]
+  root = str(tmp_path)
+  directory = store.store_dir(root, examples.name, "en", "de", tok.fingerprint())
+  original = tokenizer_lib.Tokenizer.encode_batch
+  calls = []
+
+  def failing(self, texts, num_threads=-1):
+    calls.append(len(texts))
+    if len(calls) == 3:  # the second chunk's source side
+      raise KeyboardInterrupt("interrupted")  # like Ctrl-C halfway through the split
+    return original(self, texts, num_threads)
+
+  monkeypatch.setattr(store, "_CHUNK_ROWS", 100)
+  monkeypatch.setattr(tokenizer_lib.Tokenizer, "encode_batch", failing)
+  with pytest.raises(KeyboardInterrupt):
+    store.open_or_build(examples, tok, root)
+  monkeypatch.setattr(tokenizer_lib.Tokenizer, "encode_batch", original)
+  assert len(calls) == 3 and not os.path.exists(directory)
+  assert not os.listdir(os.path.dirname(directory))  # the temporary directory is gone
+  with pytest.raises(store.StoreError, match="no complete tokenized store"):
+    store.StoredSplit(directory)
+
+  # A kill leaves a temporary directory and maybe a final one without its marker (a partial
+  # copy): neither is read; the store is rebuilt and the partial one kept aside.
+  good, _, _ = store.open_or_build(examples, tok, root)
+  shutil.copytree(good, good + ".tmp-killed")
+  os.remove(os.path.join(good + ".tmp-killed", store.COMPLETE))
+  os.remove(os.path.join(good, store.COMPLETE))
+  assert not store.is_complete(good)
+  _, _, built = store.open_or_build(examples, tok, root)
+  assert built and store.is_complete(good)
+  assert len([d for d in os.listdir(os.path.dirname(good)) if ".invalid-" in d]) == 1
+  # A truncated token file (size differs from meta.json) is not read either.
+  with open(os.path.join(good, "source_tokens.npy"), "r+b") as f:
+    f.truncate(os.path.getsize(os.path.join(good, "source_tokens.npy")) - 2)
+  assert not store.is_complete(good)
+  with pytest.raises(store.StoreError):
+    store.StoredSplit(good)
+
+
+def test_batch_plan_from_lengths_equals_the_in_memory_plan(tmp_path, examples, toks):
+  tok = toks[0]
+  directory, _, _ = store.open_or_build(examples, tok, str(tmp_path))
+  stored = store.StoredSplit(directory, 64, 64, drop_empty=True)
+  old = pipeline.tokenize_split(examples, tok, 64, 64, drop_empty=True)
+  kw = dict(tokens_per_batch=400, boundaries="8,16,24,32,48,64", batch_multiple=2,
+            shuffle_seed=3)
+  p_new = pipeline.TrainBatchPlan(stored, **{k: v for k, v in kw.items()})
+  p_old = pipeline.TrainBatchPlan(old, **kw)
+  assert p_new.fingerprint == p_old.fingerprint
+  for epoch in (0, 1):
+    (ln, rn), (lo, ro) = p_new.epoch(epoch), p_old.epoch(epoch)
+    np.testing.assert_array_equal(ln, lo)
+    assert all(np.array_equal(a, b) for a, b in zip(rn, ro)) and len(rn) == len(ro)
+  it_new = pipeline.make_train_iterator(stored, **kw)
+  it_old = pipeline.make_train_iterator(old, **kw)
+  for _ in range(p_old.batches_per_epoch + 3):  # across an epoch boundary
+    a, b = next(it_new), next(it_old)
+    for k in ("inputs", "targets", "index"):
+      np.testing.assert_array_equal(a[k], b[k])
+  state = pipeline.iterator_state(it_new)
+  resumed = pipeline.make_train_iterator(stored, **kw)
+  pipeline.restore_iterator(resumed, state)
+  np.testing.assert_array_equal(next(resumed)["inputs"], next(it_old)["inputs"])
+  for (ln, rn), (lo, ro) in zip(
+      [pipeline.eval_batch_plan(store.StoredSplit(directory), 300, "16,32")],
+      [pipeline.eval_batch_plan(pipeline.tokenize_split(examples, tok), 300, "16,32")]):
+    np.testing.assert_array_equal(ln, lo)
+    assert all(np.array_equal(a, b) for a, b in zip(rn, ro))
+
+
+class _Recorder:
+  """A token array that records which positions were read."""
+
+  def __init__(self, array):
+    self.array, self.read = array, []
+
+  def __len__(self):
+    return len(self.array)
+
+  def __getitem__(self, positions):
+    self.read.append(np.asarray(positions).ravel())
+    return self.array[positions]
+
+
+def test_each_process_reads_exactly_its_rows(tmp_path, examples, toks):
+  directory, _, _ = store.open_or_build(examples, toks[0], str(tmp_path))
+  kw = dict(tokens_per_batch=600, boundaries="16,32,64", batch_multiple=2, shuffle_seed=1)
+  plan = pipeline.TrainBatchPlan(store.StoredSplit(directory, 64, 64, True), **kw)
+  batches = 6
+  seen = []
+  for p in range(2):
+    split = store.StoredSplit(directory, 64, 64, drop_empty=True)
+    split.source_tokens = _Recorder(split.source_tokens)
+    split.target_tokens = _Recorder(split.target_tokens)
+    # The map dataset behind make_train_iterator, read without prefetching.
+    ds, _ = pipeline.make_train_dataset(split, process_index=p, process_count=2, **kw)
+    rows = []
+    for i in range(batches):
+      batch = ds[i]
+      _, global_rows = plan[i]
+      half = len(global_rows) // 2
+      mine = global_rows[p * half:(p + 1) * half]
+      np.testing.assert_array_equal(batch["index"], np.where(mine >= 0, split.index[mine], -1))
+      rows.extend(mine[mine >= 0].tolist())
+    for side in ("source", "target"):
+      starts = getattr(split, f"{side}_starts")[rows]
+      lens = getattr(split, f"{side}_lengths")[rows]
+      want = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])
+      got = np.concatenate(getattr(split, f"{side}_tokens").read)
+      # Positions read == exactly the tokens of this process's rows (each once per batch).
+      np.testing.assert_array_equal(np.sort(got), np.sort(want))
+    seen.append(rows)
+  assert not set(seen[0]) & set(seen[1])
+  every = [r for i in range(batches) for r in plan[i][1].tolist() if r >= 0]
+  assert sorted(seen[0] + seen[1]) == sorted(every)
+
+
+# ----------------------------------------------------------------------------
+# --mode=prepare
+
+
+def _prepare_cmd(workdir, data_dir, *extra):
+  return [sys.executable, "-m", "transformer.main", "--mode=prepare",
+          "--flagfile=experiments/cpu/multi30k_en_de.flags", f"--workdir={workdir}",
+          f"--raw_data_dir={data_dir}", "--train_split=train[:1500]",
+          "--eval_split=validation[:40]", "--test_split=test[:24]", "--vocab_size=400", *extra]
+
+
+def _env(**extra):
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "TPU_", "JAX_COORDINATOR", "OMPI_"))}
+  env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", **extra)
+  return env
+
+
+def test_prepare_twice_then_errors(tmp_path, multi30k_dir):
+  workdir = tmp_path / "run"
+  r = subprocess.run(_prepare_cmd(workdir, multi30k_dir), cwd=REPO, env=_env(),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert re.search(r"vocabulary: .*spm\.model \(trained now\): \d+ pieces", r.stdout), r.stdout
+  stores = re.findall(r"tokenized (\S+): (\S+) \(now\): (\d+) rows", r.stdout)
+  assert [(s, int(n)) for s, _, n in stores] == [("train[:1500]", 1500),
+                                                ("validation[:40]", 40), ("test[:24]", 24)]
+  # The train store holds what an independent encode of the raw lines gives.
+  tok = tokenizer_lib.Tokenizer.load(str(workdir / "spm.model"))
+  train = store.StoredSplit(stores[0][1])
+  en = _lines(multi30k_dir / "train.en", 1500)
+  de = _lines(multi30k_dir / "train.de", 1500)
+  for i in (0, 1, 777, 1499):
+    assert train.source(i).tolist() == tok.encode(en[i]) + [EOS_ID]
+    assert train.target(i).tolist() == tok.encode(de[i]) + [EOS_ID]
+  mtimes = {p: os.path.getmtime(os.path.join(p, "meta.json")) for _, p, _ in stores}
+
+  r = subprocess.run(_prepare_cmd(workdir, multi30k_dir), cwd=REPO, env=_env(),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "prepare: nothing to do, everything was already prepared" in r.stdout
+  assert "(now)" not in r.stdout and "trained now" not in r.stdout
+  assert mtimes == {p: os.path.getmtime(os.path.join(p, "meta.json")) for p in mtimes}
+
+  r = subprocess.run(_prepare_cmd(tmp_path / "w2", tmp_path / "nowhere"), cwd=REPO, env=_env(),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "--raw_data_dir not found" in errors[0], r.stderr[-2000:]
+  assert not (tmp_path / "w2").exists()  # nothing half-made
+  with pytest.raises(ConfigError, match="--tokenize_workers must be >= 0"):
+    config_lib.from_args(["--tokenize_workers=-1"])
+
+
+def _free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_prepare_on_two_processes_builds_once(tmp_path, multi30k_dir):
+  """Two jax.distributed processes on 127.0.0.1: the chief prepares, the other waits, reads."""
+  workdir, port = tmp_path / "run", _free_port()
+  procs, logs = [], [tmp_path / f"p{i}.log" for i in range(2)]
+  for i in range(2):
+    with open(logs[i], "w", encoding="utf-8") as f:
+      procs.append(subprocess.Popen(
+          _prepare_cmd(workdir, multi30k_dir, f"--coordinator_address=127.0.0.1:{port}",
+                       "--num_processes=2", f"--process_id={i}", "--mesh=data:-1"),
+          cwd=REPO, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+          stdout=f, stderr=subprocess.STDOUT))
+  t0 = time.time()
+  try:
+    while any(p.poll() is None for p in procs) and time.time() - t0 < 240:
+      if any(p.poll() not in (None, 0) for p in procs):
+        break
+      time.sleep(0.5)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  out = [log.read_text(encoding="utf-8", errors="replace") for log in logs]
+  assert [p.returncode for p in procs] == [0, 0], out[0][-3000:] + out[1][-3000:]
+  assert out[0].count("(now):") == 4 and "tokenized train[:1500]" in out[0]
+  # Only the chief tokenized (store.build logs 'tokenized <name>: N rows ... in X s').
+  built = lambda text: re.findall(r"tokenized multi30k\S*: \d+ rows", text)
+  assert len(built(out[0])) == 3 and not built(out[1]), out[1][-3000:]
+  stores = re.findall(r"tokenized \S+: (\S+) \(now\)", out[0])
+  assert all(store.is_complete(p) for p in stores)
+  parent = os.path.dirname(stores[0])
+  assert not [d for d in os.listdir(parent) if ".tmp-" in d or ".invalid-" in d]
+
+
+def test_benchmark_script_at_tiny_size(tmp_path):
+  r = subprocess.run(
+      [sys.executable, "-m", "benchmarks.input_pipeline", "--pairs=400", "--words=300",
+       "--vocab_size=300", "--batches=5", f"--workdir={tmp_path}", "--tokenize_workers=1"],
+      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert out["pairs"] == 400 and out["tokens_per_batch"] == 25000
+  for key in ("prepare_seconds", "first_start_seconds", "restart_seconds",
+              "legacy_first_start_seconds", "legacy_restart_seconds", "batches_per_s"):
+    assert out[key] > 0, key
+  ph = out["phases"]
+  assert ph["first_start"]["store_built_now"] and not ph["restart"]["store_built_now"]
+  # The store path and the in-memory path keep the same pairs.
+  assert ph["restart"]["kept_pairs"] == ph["legacy_restart"]["kept_pairs"] > 350
+  assert len(out["batches_per_s_2proc"]) == 2 and set(out["peak_rss_mib"]) >= {
+      "prepare", "first_start", "restart", "iterate", "iterate_2proc"}
+  lines = (tmp_path / "corpus" / "train.en").read_text().splitlines()
+  assert len(lines) == 400 and all(lines)
