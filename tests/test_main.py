@@ -119,3 +119,33 @@ def test_parsing_train_evaluate_with_tree_constraints(tmp_path):
       "(NP (NNS Results))", "(S (NP (NNS Mice)) (VP (VBD were) (VP (VBN analyzed))) (. .))"]
   from transformer import run  # pylint: disable=g-import-not-at-top
   assert os.path.exists(run.plot(str(workdir)))  # draws the periodic F1 of metrics.jsonl
+
+
+def test_prepare_the_paper_config_offline_then_nothing_to_do(tmp_path):
+  """--mode=prepare with the paper's En-De flag file, against fake WMT14 archives on 127.0.0.1.
+
+  It prepares the three splits without TensorFlow, trains the vocabulary, writes a tokenized
+  store per split and says where; a second run finds everything and does nothing.
+  """
+  cmd = [sys.executable, "-m", "tests.wmt_fakes", "--lines=12", "--check_tf", "--",
+         "--mode=prepare", "--flagfile=experiments/paper/base_en_de.flags",
+         f"--workdir={tmp_path / 'work'}", f"--tfds_data_dir={tmp_path / 'tfds'}"]
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)
+  first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  # The pairs the fake archives hold (empty sides are dropped by TFDS's WMT reader).
+  from tests import wmt_fakes  # pylint: disable=g-import-not-at-top
+  n = {split: len(wmt_fakes.make_fakes(12).expected[("de-en", split)])
+       for split in ("train", "validation", "test")}
+  assert re.search(rf"^tfds: .* \(now\): train {n['train']}, validation {n['validation']},"
+                   rf" test {n['test']} examples", first.stdout, re.M), first.stdout
+  assert re.search(r"^vocabulary: .*spm\.model \(trained now\)", first.stdout, re.M)
+  for split, rows in n.items():
+    match = re.search(rf"^tokenized {split}: (\S+) \(now\): {rows} rows", first.stdout, re.M)
+    assert match, first.stdout
+    assert os.path.isfile(os.path.join(match[1], "COMPLETE"))
+  second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "prepare: nothing to do, everything was already prepared" in second.stdout
+  assert "(now)" not in second.stdout and "Downloading" not in second.stdout + second.stderr
