@@ -107,9 +107,9 @@ def smoothed_cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothin
   of the V - 1 other ids, PAD, BOS, EOS and UNK included. The paper (section 5.4) gives no
   formula; this is tensor2tensor's form (the authors' code). Szegedy et al. (2016) spread
   eps / K over all K classes, y included, which is the same target with eps' = eps (V - 1)
-  / V. PAD keeps its share although it is never a target: the loss of a PAD-free target,
-  and so the training signal, differs from it only by a constant shift in the softmax's
-  PAD logit, and keeping the whole vocabulary makes the loss one closed form. With log p_v = z_v - lse(z), only three reductions over the vocabulary
+  / V. PAD keeps its share although it is never a target, so the model learns to give it
+  about eps / (V - 1) rather than 0 (beam search can emit PAD only if it outscores EOS and
+  every real token). With log p_v = z_v - lse(z), only three reductions over the vocabulary
   are needed (lse, z_y, sum_v z_v), so the [batch, length, vocab] log-probabilities are
   never materialised.
   logits: [batch, length, vocab]; targets: [batch, length].
