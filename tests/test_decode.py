@@ -363,3 +363,37 @@ def test_beam_one_follows_the_greedy_path_and_keeps_its_best_eos_branch(alpha):
     assert abs(float(scores[b, 0]) - score) < 1e-4
     differs += greedy != y
   assert differs > 0
+
+
+def test_decoding_past_max_len_uses_the_sinusoids_of_those_positions():
+  """Outputs may be longer than --max_len (source + offset): the decoder's positions past it
+  get their own sinusoids, so every finished hypothesis and score equals a search with a
+  table large enough from the start (sinusoids have no parameters)."""
+  short = dataclasses.replace(CFG, max_len=5)
+  _, params = _params()
+  inputs = jnp.asarray(_BEAM_INPUTS[2:4])  # 5 and 2 source tokens; outputs up to 8
+  # cache_segment=2: the cache starts 2 wide and grows, so nothing checks 8 against max_len
+  # at init; a table of max_len rows would silently repeat its last row at positions 5..7.
+  got = decode.beam_search(params, inputs, model_cfg=short, beam_size=8, alpha=0.6,
+                           max_decode_len_offset=3, cache_segment=2)
+  want = decode.beam_search(params, inputs, model_cfg=CFG, beam_size=8, alpha=0.6,
+                            max_decode_len_offset=3)
+  assert (np.asarray(want[0]) != 0).sum(-1).max() > 5  # some hypotheses pass max_len
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=1e-5)
+
+
+def test_learned_positions_cap_the_output_at_max_len():
+  """A learned table has max_len rows: a search whose limit (source + offset) passes it ends
+  every output by position max_len, exactly as a search whose offset stops there."""
+  cfg = dataclasses.replace(CFG, positional_encoding="learned", max_len=6)
+  _, params = _params(cfg)
+  inputs = jnp.asarray(_BEAM_INPUTS[2:3])  # 5 source tokens: limit 5 + 3 > 6
+  got = decode.beam_search(params, inputs, model_cfg=cfg, beam_size=16, alpha=0.6,
+                           max_decode_len_offset=3)
+  want = decode.beam_search(params, inputs, model_cfg=cfg, beam_size=16, alpha=0.6,
+                            max_decode_len_offset=1)  # limit 6 = max_len
+  lengths = (np.asarray(got[0]) != 0).sum(-1)
+  assert lengths.max() <= 6
+  np.testing.assert_array_equal(np.asarray(got[0])[..., :6], np.asarray(want[0]))
+  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=1e-5)
