@@ -478,8 +478,19 @@ def _restore_params(s: Setup, which: str):
       raise ConfigError(f"--checkpoint must be latest, averaged or a step, got {which!r}") from None
     if step not in steps:
       raise checkpoints.CheckpointError(f"no checkpoint for step {step} in {directory}; have {steps}")
-  _check_same_model(ckpt.restore_config(step), s, f"checkpoint {step} in {directory}")
-  state, _, _ = ckpt.restore(step, s.trainer.abstract_state)
+  try:
+    saved = ckpt.restore_config(step)
+  except Exception as e:  # pylint: disable=broad-except  (any read failure = damaged)
+    raise checkpoints.CheckpointError(f"checkpoint {step} in {directory} cannot be read"
+                                      f" ({type(e).__name__}); pass another --checkpoint=<step>"
+                                      f" (have {steps})") from e
+  _check_same_model(saved, s, f"checkpoint {step} in {directory}")
+  try:
+    state, _, _ = ckpt.restore(step, s.trainer.abstract_state)
+  except Exception as e:  # pylint: disable=broad-except
+    raise checkpoints.CheckpointError(f"checkpoint {step} in {directory} cannot be read"
+                                      f" ({type(e).__name__}); pass another --checkpoint=<step>"
+                                      f" (have {steps})") from e
   ckpt.close()
   logging.info("restored %s checkpoint of step %d", sub, step)
   return state.params, step
