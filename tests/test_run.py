@@ -92,3 +92,18 @@ def test_fit_max_len_cuts_only_long_sources_and_names_them(caplog):
   assert warnings == ["line 2: 8 source tokens (with EOS), more than --max_len=5; translating"
                       " its first 4 tokens only"]
   assert run.fit_max_len(tokenized, 8) is tokenized  # nothing to cut
+
+
+def test_directories_as_input_or_output_fail_before_any_work(tmp_path):
+  """Checked before the vocabulary or a checkpoint is even looked for (the workdir is empty)."""
+  workdir = tmp_path / "empty"
+  workdir.mkdir()
+  (tmp_path / "in.txt").write_text("a\n")
+  with pytest.raises(config_lib.ConfigError, match=f"--input {tmp_path} is a directory"):
+    run.translate(config_lib.Config(), str(workdir), input_path=str(tmp_path))
+  with pytest.raises(config_lib.ConfigError, match=f"--output {tmp_path} is a directory"):
+    run.translate(config_lib.Config(), str(workdir), input_path=str(tmp_path / "in.txt"),
+                  output_path=str(tmp_path))
+  with pytest.raises(config_lib.ConfigError, match=f"--output {tmp_path} is a directory"):
+    run.evaluate(config_lib.Config(), str(workdir), output=str(tmp_path))
+  assert not list(workdir.iterdir())

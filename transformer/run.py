@@ -520,9 +520,18 @@ def average(cfg: Config, workdir: str) -> int:
   return steps[-1]
 
 
+def _check_paths(input_path: Optional[str], output_path: Optional[str]) -> None:
+  """--input must be a file and --output must not be a directory (checked before any work)."""
+  if input_path is not None and os.path.isdir(input_path):
+    raise ConfigError(f"--input {input_path} is a directory, not a file")
+  if output_path is not None and os.path.isdir(output_path):
+    raise ConfigError(f"--output {output_path} is a directory, not a file")
+
+
 def evaluate(cfg: Config, workdir: str, which: str = "latest",
              output: Optional[str] = None) -> dict[str, Any]:
   """Beam-searches --test_split, writes hypotheses, prints BLEU (three conventions) and perplexity."""
+  _check_paths(None, output)
   s = setup(cfg, workdir, train_vocab=False)
   params, step = _restore_params(s, which)
   examples, tokenized = _tokenize(s, cfg.data.test_split, train=False)
@@ -571,10 +580,11 @@ def evaluate(cfg: Config, workdir: str, which: str = "latest",
 def translate(cfg: Config, workdir: str, which: str = "latest", input_path: Optional[str] = None,
               output_path: Optional[str] = None) -> list[str]:
   """Translates lines of --input (or stdin) to --output (or stdout), in order."""
-  s = setup(cfg, workdir, train_vocab=False)
-  params, _ = _restore_params(s, which)
   if input_path is not None and not os.path.exists(input_path):
     raise FileNotFoundError(f"--input {input_path} does not exist")
+  _check_paths(input_path, output_path)
+  s = setup(cfg, workdir, train_vocab=False)
+  params, _ = _restore_params(s, which)
   stream = open(input_path, "rb") if input_path else sys.stdin.buffer
   with stream:
     lines = [raw.decode("utf-8", errors="replace").rstrip("\r\n") for raw in stream]
