@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from transformer import checkpoints, sharding
 from transformer.config import ModelConfig, TrainConfig
@@ -80,3 +81,12 @@ def test_average_window_in_checkpoints_or_steps():
       1200, 1400, 1437]
   assert checkpoints.select_average_steps([1437, 1000, 1200, 1400], 2) == [1400, 1437]
   assert checkpoints.select_average_steps([], 5, window_steps=10) == []
+
+
+def test_averaging_no_steps_is_a_checkpoint_error(tmp_path):
+  tr = _trainer()
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"), keep=3)
+  with pytest.raises(checkpoints.CheckpointError, match="no checkpoints to average"):
+    checkpoints.average_checkpoints(ckpt, [], tr.abstract_state)
+  ckpt.close()
+  assert checkpoints.select_average_steps([], 5) == []

@@ -54,6 +54,27 @@ def test_table2_recipe_values():
     (["--alpha=-1"], "--alpha must be >= 0"),
     (["--source_lang=en", "--target_lang=en"], "must differ"),
     (["--spm_model_type=wordpiece"], "--spm_model_type must be one of"),
+    # ModelConfig.validate
+    (["--d_k=0"], "--d_k must be positive, got 0"),
+    (["--d_v=-4"], "--d_v must be positive, got -4"),
+    (["--target_vocab_size=0"], "--target_vocab_size must be positive, got 0"),
+    (["--d_model=100", "--num_heads=8", "--d_k=16"], "set --d_k and --d_v explicitly"),
+    (["--dropout_rate=1.0"], r"--dropout_rate must be in \[0, 1\), got 1.0"),
+    (["--attention_dropout_rate=-0.1"], r"--attention_dropout_rate must be in \[0, 1\)"),
+    (["--positional_encoding=rotary"], "--positional_encoding must be 'sinusoidal' or 'learned'"),
+    (["--attention_impl=flash"], "--attention_impl must be one of einsum, xla, cudnn"),
+    # TrainConfig.validate
+    (["--nonfinite=ignore"], "--nonfinite must be 'stop' or 'skip', got 'ignore'"),
+    (["--label_smoothing=1.0"], r"--label_smoothing must be in \[0, 1\), got 1.0"),
+    (["--grad_accum_steps=0"], "--grad_accum_steps must be positive, got 0"),
+    # DecodeConfig.validate
+    (["--max_decode_len_offset=0"], "--max_decode_len_offset must be positive, got 0"),
+    (["--cache_segment=-1"], "--cache_segment must be >= 0, got -1"),
+    (["--num_average=0"], "--num_average must be positive, got 0"),
+    (["--average_window_steps=-5"], "--average_window_steps must be >= 0, got -5"),
+    # from_flags
+    (["--task=summarization"], "--task must be translation or parsing, got 'summarization'"),
+    (["--tokens_per_batch=0"], "--tokens_per_batch must be positive, got 0"),
 ])
 def test_invalid_values_are_rejected(args, message):
   with pytest.raises(config_lib.ConfigError, match=message):

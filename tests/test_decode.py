@@ -1,6 +1,7 @@
 """Section 6.1 checks: beam search against exhaustive search, greedy, and the KV cache."""
 
 import dataclasses
+import functools
 import itertools
 
 import flax.linen as nn
@@ -58,25 +59,6 @@ def test_beam_search_equals_exhaustive_search(cache_segment):
     assert abs(float(scores[b, 0]) - best_score) < 1e-4
     # All 40 finished hypotheses are the exhaustive top 40, in order.
     np.testing.assert_allclose(np.asarray(scores[b]), [s for s, _ in scored[:beam]], atol=1e-4)
-
-
-@pytest.mark.parametrize("cache_segment", [0, 2])
-def test_beam_one_is_greedy(cache_segment):
-  m, params = _params()
-  inputs = np.array([[4, 5, 3, 1]], np.int32)
-  offset = 5
-  seqs, _ = decode.beam_search(params, jnp.asarray(inputs), model_cfg=CFG, beam_size=1,
-                               alpha=0.6, max_decode_len_offset=offset,
-                               cache_segment=cache_segment)
-  y = []
-  for _ in range(4 + offset):  # argmax one token at a time, uncached
-    logits = m.apply({"params": params}, jnp.asarray(inputs), jnp.asarray([y + [0]]))
-    y.append(int(np.argmax(np.asarray(logits[0, len(y)]))))
-    if y[-1] == EOS_ID:
-      break
-  if y[-1] != EOS_ID:
-    y[-1] = EOS_ID  # at the length limit only EOS may follow
-  assert np.asarray(seqs[0, 0])[:len(y)].tolist() == y
 
 
 def test_cached_decoding_equals_full_forward_pass():
@@ -240,3 +222,178 @@ def test_decoding_compiles_once_per_bucket_shape_and_never_between_batches(multi
       seqs, _ = searcher(params, sharding.global_batch({"inputs": b["inputs"]}, mesh)["inputs"])
       assert seqs.shape[0] == b["inputs"].shape[0]
   assert searcher._search._cache_size() == len(shapes)  # pylint: disable=protected-access
+
+
+_ROWS, _WIDTH = 4, 9  # one compiled shape for every uncached pass of the oracles below
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(cfg=CFG):
+  m = Transformer(cfg)
+  return jax.jit(lambda p, x, y: jax.nn.log_softmax(m.apply({"params": p}, x, y), axis=-1))
+
+
+def _padded_log_probs(params, src, ys):
+  """[n, _WIDTH, vocab] float64 teacher-forced log-probabilities of the rows ys (each at
+  most _WIDTH tokens, PAD after them; causal masking makes the PADs irrelevant)."""
+  out = []
+  for start in range(0, len(ys), _ROWS):
+    rows = np.zeros((_ROWS, _WIDTH), np.int32)
+    for r, y in enumerate(ys[start:start + _ROWS]):
+      rows[r, :len(y)] = y
+    out.append(np.asarray(_forward()(params, jnp.asarray(np.repeat(src[None], _ROWS, 0)),
+                                     jnp.asarray(rows)), np.float64)[:len(ys[start:start + _ROWS])])
+  return np.concatenate(out)
+
+
+def _next_log_probs(m, params, src, prefixes):
+  """[n, vocab] log P(next | src, prefix) of equal-length prefixes, uncached."""
+  del m
+  n = len(prefixes[0])
+  return _padded_log_probs(params, src, [list(p) + [0] for p in prefixes])[:, n]
+
+
+def _sequence_log_prob(params, src, y):
+  lp = _padded_log_probs(params, src, [list(y)])[0]
+  return float(sum(lp[i, t] for i, t in enumerate(y)))
+
+
+def _reference_beam_search(m, params, src, beam, alpha, offset, vocab=6):
+  """Beam search written out in Python on uncached forward passes (Wu et al. 2016 scores).
+
+  Each step extends every alive hypothesis by every token (only EOS at the length limit),
+  keeps the 2 * beam best extensions by log-probability (ties: lower beam, then lower
+  token), moves those that end in EOS into the finished pool with score log P / lp(length),
+  and keeps the best `beam` others alive. It runs to the length limit without early stopping.
+  Returns the finished pool best-first: [(score, tokens incl. EOS)].
+  """
+  limit = int((src != 0).sum()) + offset
+  alive = [((), 0.0)]
+  finished = []
+  for i in range(limit):
+    lp = _next_log_probs(m, params, src, [p for p, _ in alive])
+    cands = []
+    for b, (prefix, score) in enumerate(alive):
+      for tok in range(vocab):
+        if i + 1 >= limit and tok != EOS_ID:
+          continue
+        cands.append((score + lp[b, tok], b, tok, prefix + (tok,)))
+    cands.sort(key=lambda c: (-c[0], c[1], c[2]))
+    top = cands[:2 * beam]
+    finished += [(s / ((5 + i + 1) / 6) ** alpha, y) for s, _, t, y in top if t == EOS_ID]
+    finished.sort(key=lambda f: -f[0])
+    finished = finished[:beam]
+    alive = [(y, s) for s, _, t, y in top if t != EOS_ID][:beam]
+    if not alive:
+      break
+  return finished
+
+
+@functools.lru_cache(maxsize=None)
+def _search(beam, alpha, offset=3):
+  """Beam search over _BEAM_INPUTS (cached: the tests below share compilations)."""
+  _, params = _params()
+  seqs, scores = decode.beam_search(params, jnp.asarray(_BEAM_INPUTS), model_cfg=CFG,
+                                    beam_size=beam, alpha=alpha, max_decode_len_offset=offset)
+  return np.asarray(seqs), np.asarray(scores)
+
+
+_BEAM_INPUTS = np.array([[4, 5, 1, 0, 0], [5, 1, 0, 0, 0], [3, 3, 4, 5, 1], [4, 1, 0, 0, 0],
+                         [5, 4, 3, 1, 0]], np.int32)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_beam_four_equals_a_reference_beam_search(alpha):
+  """Section 6.1's beam 4 with alpha 0.6 and without a length penalty, on five sources of a
+  6-token vocabulary: every finished hypothesis and score equals the reference's."""
+  m, params = _params()
+  offset, beam = 3, 4
+  seqs, scores = _search(beam, alpha, offset)
+  for b, src in enumerate(_BEAM_INPUTS):
+    ref = _reference_beam_search(m, params, src, beam, alpha, offset)
+    assert len(ref) == beam
+    for j, (score, y) in enumerate(ref):
+      got = np.asarray(seqs[b, j])
+      assert got[:len(y)].tolist() == list(y) and (got[len(y):] == 0).all(), (b, j, got, y)
+      assert abs(float(scores[b, j]) - score) < 1e-4, (b, j)
+      # Independent of the search: the score is the sequence's log-probability / lp(|Y|).
+      lp = _sequence_log_prob(params, src, y)
+      assert abs(score - lp / ((5 + len(y)) / 6) ** alpha) < 1e-4
+
+
+def test_length_penalty_changes_the_ranking():
+  """alpha > 0 divides longer hypotheses' (negative) log-probabilities by more: on these
+  sources the best hypothesis with alpha = 0.6 is longer than the best with alpha = 0 for at
+  least one source, and never shorter; each search's best is the reference's best."""
+  best = {}
+  for alpha in (0.0, 0.6):
+    seqs, _ = _search(4, alpha, 3)
+    best[alpha] = [int(np.argmax(np.asarray(s[0]) == EOS_ID)) + 1 for s in seqs]
+  assert all(long >= short for long, short in zip(best[0.6], best[0.0])), best
+  assert any(long > short for long, short in zip(best[0.6], best[0.0])), best
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_beam_one_follows_the_greedy_path_and_keeps_its_best_eos_branch(alpha):
+  """Beam 1 is not greedy decoding: its one alive hypothesis follows the best non-EOS token,
+  and every step where EOS is among the 2 best candidates adds `path + EOS` to the finished
+  pool; the result is the best of those by log P / lp. Greedy decoding instead stops at the
+  first step whose best token is EOS. The two differ on some of these sources."""
+  m, params = _params()
+  offset = 3
+  seqs, scores = _search(1, alpha, offset)
+  differs = 0
+  for b, src in enumerate(_BEAM_INPUTS):
+    limit = int((src != 0).sum()) + offset
+    path, path_lp, branches, greedy = [], 0.0, [], None
+    for i in range(limit):
+      lp = _next_log_probs(m, params, src, [path])[0]
+      if i + 1 >= limit:
+        lp = np.where(np.arange(len(lp)) == EOS_ID, lp, -np.inf)
+      order = np.argsort(-lp, kind="stable")
+      if greedy is None and order[0] == EOS_ID:
+        greedy = path + [EOS_ID]
+      if EOS_ID in order[:2]:
+        branches.append(((path_lp + lp[EOS_ID]) / ((5 + i + 1) / 6) ** alpha, path + [EOS_ID]))
+      tok = int(next(t for t in order if t != EOS_ID))
+      path, path_lp = path + [tok], path_lp + lp[tok]
+    score, y = max(branches, key=lambda x: x[0])
+    got = np.asarray(seqs[b, 0])
+    assert got[:len(y)].tolist() == y and (got[len(y):] == 0).all(), (b, got, y)
+    assert abs(float(scores[b, 0]) - score) < 1e-4
+    differs += greedy != y
+  assert differs > 0
+
+
+def test_decoding_past_max_len_uses_the_sinusoids_of_those_positions():
+  """Outputs may be longer than --max_len (source + offset): the decoder's positions past it
+  get their own sinusoids, so every finished hypothesis and score equals a search with a
+  table large enough from the start (sinusoids have no parameters)."""
+  short = dataclasses.replace(CFG, max_len=5)
+  _, params = _params()
+  inputs = jnp.asarray(_BEAM_INPUTS[2:4])  # 5 and 2 source tokens; outputs up to 8
+  # cache_segment=2: the cache starts 2 wide and grows, so nothing checks 8 against max_len
+  # at init; a table of max_len rows would silently repeat its last row at positions 5..7.
+  got = decode.beam_search(params, inputs, model_cfg=short, beam_size=8, alpha=0.6,
+                           max_decode_len_offset=3, cache_segment=2)
+  want = decode.beam_search(params, inputs, model_cfg=CFG, beam_size=8, alpha=0.6,
+                            max_decode_len_offset=3)
+  assert (np.asarray(want[0]) != 0).sum(-1).max() > 5  # some hypotheses pass max_len
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=1e-5)
+
+
+def test_learned_positions_cap_the_output_at_max_len():
+  """A learned table has max_len rows: a search whose limit (source + offset) passes it ends
+  every output by position max_len, exactly as a search whose offset stops there."""
+  cfg = dataclasses.replace(CFG, positional_encoding="learned", max_len=6)
+  _, params = _params(cfg)
+  inputs = jnp.asarray(_BEAM_INPUTS[2:3])  # 5 source tokens: limit 5 + 3 > 6
+  got = decode.beam_search(params, inputs, model_cfg=cfg, beam_size=16, alpha=0.6,
+                           max_decode_len_offset=3)
+  want = decode.beam_search(params, inputs, model_cfg=cfg, beam_size=16, alpha=0.6,
+                            max_decode_len_offset=1)  # limit 6 = max_len
+  lengths = (np.asarray(got[0]) != 0).sum(-1)
+  assert lengths.max() <= 6
+  np.testing.assert_array_equal(np.asarray(got[0])[..., :6], np.asarray(want[0]))
+  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=1e-5)

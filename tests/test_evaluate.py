@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import collections
+import json
 import math
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -233,3 +235,37 @@ def test_bleu_report():
   assert rep['bleu_tok_lc'] == evaluate.tokenized_bleu(
       hyps, refs, 'de', split_compounds=False, lowercase=True).score
   assert all(isinstance(rep[k], float) for k in rep if k != 'sacrebleu_signature')
+
+
+def test_sacrebleu_by_hand():
+  """Two sentences counted by hand (13a splits off the final '.').
+
+  the cat sat on the mat / the cat sat on a mat: n-gram matches 5/6, 3/5, 2/4, 1/3.
+  a dog . / a dog runs .: 3/3, 1/2, 0/1, 0/0.
+  Corpus: 8/9, 4/7, 2/5, 1/3 (no zero count, so smoothing plays no part); lengths 9 and 10,
+  BP = exp(1 - 10/9).
+  """
+  hyps = ['the cat sat on the mat', 'a dog .']
+  refs = ['the cat sat on a mat', 'a dog runs .']
+  got = evaluate.sacrebleu_score(hyps, refs)
+  want = 100 * math.exp(1 - 10 / 9) * (8 / 9 * 4 / 7 * 2 / 5 * 1 / 3) ** 0.25
+  assert got.score == pytest.approx(want, abs=1e-9)
+  assert (got.sys_len, got.ref_len) == (9, 10)
+  assert got.precisions == pytest.approx([100 * 8 / 9, 100 * 4 / 7, 100 * 2 / 5, 100 / 3])
+  assert got.brevity_penalty == pytest.approx(math.exp(1 - 10 / 9))
+
+
+def test_sacrebleu_equals_the_sacrebleu_command_line(tmp_path):
+  """The project's score and signature against the reference tool run on files."""
+  refs = _val_de(40)
+  hyps = _perturb(refs)
+  (tmp_path / 'hyp.de').write_text('\n'.join(hyps) + '\n', encoding='utf-8')
+  (tmp_path / 'ref.de').write_text('\n'.join(refs) + '\n', encoding='utf-8')
+  tool = os.path.join(os.path.dirname(sys.executable), 'sacrebleu')
+  r = subprocess.run([tool, str(tmp_path / 'ref.de'), '-i', str(tmp_path / 'hyp.de'), '-w', '4'],
+                     capture_output=True, text=True, timeout=120, check=True)
+  cli = json.loads(r.stdout)
+  got = evaluate.sacrebleu_score(hyps, refs)
+  assert 0 < cli['score'] < 100
+  assert round(got.score, 4) == cli['score']
+  assert got.signature == cli['signature']

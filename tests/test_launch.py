@@ -448,6 +448,7 @@ def test_tpu_pod_remote_command_survives_the_shells(tmp_path, detached):
     if ran.exists() and ran.read_text().splitlines() == want:
       break
     time.sleep(0.1)
+  assert ran.exists(), f"the detached run wrote no {ran} within 10 s"
   assert ran.read_text().splitlines() == want
   calls = (tmp_path / "gcloud.log").read_text().splitlines()
   assert calls[0].startswith("compute tpus tpu-vm describe tf --zone=z1")

@@ -273,3 +273,114 @@ def test_dropout_mask_is_threefry_16_bit_uniforms_with_exact_scale():
   np.testing.assert_array_equal(np.asarray(model_lib.dropout(jnp.ones(shape), 0.0, key)), 1.0)
   np.testing.assert_array_equal(np.asarray(model_lib.dropout(jnp.ones(shape), 1.0, key)), 0.0)
   assert model_lib.dropout(jnp.ones(shape, jnp.bfloat16), rate, key).dtype == jnp.bfloat16
+
+
+# ----------------------------------------------------------------------------
+# Encoder and decoder layers against numpy (residual, LayerNorm, FFN, attention)
+# ----------------------------------------------------------------------------
+
+def _np_layer_norm(x, p, eps):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _np_mha(xq, xkv, p, mask):
+  """MultiHead(Q, K, V) W^O from the module's weights; mask [batch, 1, q_len | 1, kv_len]."""
+  q = np.einsum("bld,dhk->blhk", xq, p["query"])
+  k = np.einsum("bld,dhk->blhk", xkv, p["key"])
+  v = np.einsum("bld,dhk->blhk", xkv, p["value"])
+  mask = np.broadcast_to(mask, (xq.shape[0], 1, xq.shape[1], xkv.shape[1]))
+  return np.einsum("blhk,hkd->bld", _numpy_attention(q, k, v, mask), p["out"])
+
+
+def _np_ffn(x, p):
+  """FFN(x) = max(0, x W1 + b1) W2 + b2 (eq. 2)."""
+  hidden = np.maximum(0.0, x @ p["wi"]["kernel"] + p["wi"]["bias"])
+  return hidden @ p["wo"]["kernel"] + p["wo"]["bias"]
+
+
+def _np_block(x, sublayer, norm, pre_ln, eps):
+  """post-LN: LayerNorm(x + Sublayer(x)); pre-LN: x + Sublayer(LayerNorm(x))."""
+  if pre_ln:
+    return x + sublayer(_np_layer_norm(x, norm, eps))
+  return _np_layer_norm(x + sublayer(x), norm, eps)
+
+
+def _random_params(params, seed):
+  """Every parameter (biases and LayerNorm scales included) drawn at random, in float64."""
+  leaves, treedef = jax.tree.flatten(params)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(treedef, [rng.normal(0.0, 0.5, x.shape) for x in leaves])
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_encoder_layer_matches_numpy(pre_ln):
+  cfg = dataclasses.replace(TINY, pre_layer_norm=pre_ln, dropout_rate=0.1)
+  layer = model_lib.EncoderLayer(cfg)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 5, 32))
+  mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)[:, None, None, :]
+  boxed = layer.init(jax.random.PRNGKey(0), jnp.asarray(x, jnp.float32), mask, True)["params"]
+  p = _random_params(nn.unbox(boxed), 1)
+  got = layer.apply({"params": jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)},
+                    jnp.asarray(x, jnp.float32), mask, True)
+  eps = cfg.layer_norm_epsilon
+  y = _np_block(x, lambda z: _np_mha(z, z, p["self_attention"], mask),
+                p["attention_block"]["norm"], pre_ln, eps)
+  y = _np_block(y, lambda z: _np_ffn(z, p["ffn"]), p["ffn_block"]["norm"], pre_ln, eps)
+  np.testing.assert_allclose(np.asarray(got), y, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_decoder_layer_matches_numpy(pre_ln):
+  cfg = dataclasses.replace(TINY, pre_layer_norm=pre_ln, dropout_rate=0.1)
+  layer = model_lib.DecoderLayer(cfg)
+  rng = np.random.default_rng(2)
+  y_in = rng.normal(size=(2, 4, 32))
+  enc = rng.normal(size=(2, 6, 32))
+  self_mask = np.tril(np.ones((4, 4), bool))[None, None]
+  cross_mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], bool)[:, None, None, :]
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  boxed = layer.init(jax.random.PRNGKey(0), f32(y_in), f32(enc), self_mask, cross_mask,
+                     True)["params"]
+  p = _random_params(nn.unbox(boxed), 3)
+  got = layer.apply({"params": jax.tree.map(f32, p)}, f32(y_in), f32(enc), self_mask, cross_mask,
+                    True)
+  eps = cfg.layer_norm_epsilon
+  y = _np_block(y_in, lambda z: _np_mha(z, z, p["self_attention"], self_mask),
+                p["self_attention_block"]["norm"], pre_ln, eps)
+  y = _np_block(y, lambda z: _np_mha(z, enc, p["cross_attention"], cross_mask),
+                p["cross_attention_block"]["norm"], pre_ln, eps)
+  y = _np_block(y, lambda z: _np_ffn(z, p["ffn"]), p["ffn_block"]["norm"], pre_ln, eps)
+  np.testing.assert_allclose(np.asarray(got), y, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_residual_dropout_acts_on_the_sublayer_output_only(pre_ln):
+  """Section 5.4: dropout on each sublayer's output, before the residual add and the norm.
+
+  The sublayer returns the constant c. The mask m depends only on the key and the shape, so
+  a first call with x = 0 reveals it (post-LN: LayerNorm(m c') is positive exactly where
+  m = 1; pre-LN: the output is m c'), c' = c / (1 - P_drop). A second call with the same
+  key and random x must give LayerNorm(x + m c') (post-LN) or x + m c' (pre-LN). Dropout
+  on x, on the sum or after the norm gives other values.
+  """
+  rate, c = 0.5, 1.5
+  cfg = dataclasses.replace(TINY, pre_layer_norm=pre_ln, dropout_rate=rate)
+  block = model_lib.Sublayer(cfg)
+  x = np.random.default_rng(4).normal(size=(3, 5, 32))
+  sub = lambda z: jnp.full_like(z, c)
+  params = block.init(jax.random.PRNGKey(0), jnp.zeros((3, 5, 32)), sub, True)
+  run = lambda v: np.asarray(block.apply(params, jnp.asarray(v, jnp.float32), sub, False,
+                                         rngs={"dropout": jax.random.PRNGKey(7)}), np.float64)
+  first = run(np.zeros_like(x))
+  m = (first > 1e-3).astype(np.float64)
+  assert 0.3 < m.mean() < 0.7, m.mean()  # about half of the elements survive
+  unit = {"scale": 1.0, "bias": 0.0}
+  if pre_ln:
+    np.testing.assert_allclose(first, m * c / (1 - rate), atol=1e-5)
+    want = x + m * c / (1 - rate)
+  else:
+    want = _np_layer_norm(x + m * c / (1 - rate), unit, cfg.layer_norm_epsilon)
+  np.testing.assert_allclose(run(x), want, atol=1e-4)

@@ -297,3 +297,13 @@ def test_auto_boundaries_through_the_plans(tokenized):
   for bad in ("auto", "auto:0", "auto:x", "auto:4:0", "auto:1:2:3"):
     with pytest.raises(ValueError, match="Bad bucket boundaries"):
       pipeline.TrainBatchPlan(tokenized, bad, TOKENS)
+
+
+def test_batch_plan_rejects_a_negative_seed_and_a_split_that_fits_no_bucket():
+  pairs = [{"source": "a b c", "target": "x y"}, {"source": "a " * 40, "target": "y " * 40}]
+  tokenized = pipeline.tokenize_split(pairs, WordTokenizer())
+  with pytest.raises(ValueError, match="shuffle_seed must be >= 0, got -1"):
+    pipeline.TrainBatchPlan(tokenized, BOUNDARIES, TOKENS, shuffle_seed=-1)
+  too_long = pipeline.tokenize_split(pairs[1:], WordTokenizer())  # 41 tokens > 32
+  with pytest.raises(ValueError, match=r"No training pair fits the largest bucket \(32\)"):
+    pipeline.TrainBatchPlan(too_long, BOUNDARIES, TOKENS)

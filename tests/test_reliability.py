@@ -2,6 +2,7 @@
 
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -67,38 +68,55 @@ def shared_run(tmp_path_factory, multi30k_dir):
   return workdir
 
 
-def test_sigkill_then_restart_is_bitwise_identical(tmp_path, multi30k_dir, shared_run):
-  workdir = tmp_path / "run"
-  kill_after = random.Random().randint(5, 13)  # a random step
-  proc = subprocess.Popen(_cmd(workdir, multi30k_dir, "--num_train_steps=16"), cwd=REPO,
-                          env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  metrics = workdir / "metrics.jsonl"
-  while time.time() < deadline:
-    if metrics.exists() and f'"step": {kill_after - kill_after % 2}' in metrics.read_text():
-      break
+def _wait_for(proc, done, what, stderr_path, timeout=300):
+  """Polls done() every 0.2 s until it holds; fails with `what` and the log if the process
+  ends or `timeout` seconds pass first."""
+  deadline = time.time() + timeout
+  while not done():
+    if proc.poll() is not None or time.time() > deadline:
+      proc.kill()
+      proc.wait(timeout=60)
+      log = stderr_path.read_text(errors="replace")[-2000:]
+      pytest.fail(f"{what}: not reached within {timeout} s (exit code {proc.returncode}):\n{log}")
     time.sleep(0.2)
+
+
+def test_sigkill_then_restart_is_bitwise_identical(tmp_path, multi30k_dir, shared_run):
+  """Killed after a checkpoint is on disk (at a seeded step), the restarted run resumes from
+  that checkpoint and ends with the uninterrupted run's parameters, bit for bit."""
+  workdir = tmp_path / "run"
+  kill_after = random.Random(20).randint(9, 13)  # past the first checkpoint (step 4)
+  err = tmp_path / "stderr.txt"
+  with open(err, "w") as stderr:
+    proc = subprocess.Popen(_cmd(workdir, multi30k_dir, "--num_train_steps=16"), cwd=REPO,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+  metrics = workdir / "metrics.jsonl"
+  _wait_for(proc, lambda: (metrics.exists() and (workdir / "checkpoints" / "4").is_dir() and
+                           f'"step": {kill_after - kill_after % 2}' in metrics.read_text()),
+            f"step {kill_after - kill_after % 2} logged and checkpoint 4 saved", err)
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL
   r = _main(workdir, multi30k_dir, "--num_train_steps=16")
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "resumed from step" in r.stderr or "initialised a new model" in r.stderr
+  assert "resumed from step" in r.stderr, r.stderr[-3000:]
   for a, b in zip(_params(shared_run, 16), _params(workdir, 16)):
     np.testing.assert_array_equal(a, b)  # bitwise
 
 
 def test_sigterm_saves_and_exits_then_resumes(tmp_path, multi30k_dir):
   workdir = tmp_path / "run"
-  proc = subprocess.Popen(_cmd(workdir, multi30k_dir, "--num_train_steps=100000"), cwd=REPO,
-                          env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  err = tmp_path / "stderr.txt"
+  with open(err, "w") as stderr:
+    proc = subprocess.Popen(_cmd(workdir, multi30k_dir, "--num_train_steps=100000"), cwd=REPO,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=stderr, text=True)
   metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 300
-  while time.time() < deadline and not (metrics.exists() and '"step": 6' in metrics.read_text()):
-    time.sleep(0.2)
+  _wait_for(proc, lambda: metrics.exists() and '"step": 6' in metrics.read_text(),
+            "step 6 logged", err)
   t = time.time()
   proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=60)
+  proc.wait(timeout=60)
+  err = err.read_text(errors="replace")
   assert time.time() - t < 30
   assert proc.returncode == 0, err[-3000:]
   import re
@@ -224,3 +242,28 @@ def test_plot_and_attention_write_pngs(shared_run, multi30k_dir, tmp_path):
   for kind in ("encoder_self_attention", "decoder_self_attention", "decoder_cross_attention"):
     w, h = _png_size(tmp_path / "att" / f"attention_{kind}.png")
     assert w == 2 * h and h >= 176  # 1 layer (rows) x 2 heads (columns) of square cells
+
+
+def test_damaged_workdir_files_and_a_file_as_workdir_fail_cleanly(tmp_path, multi30k_dir,
+                                                                  shared_run):
+  """What a new user can do to a workdir: each gives one 'error:' line, nothing changed."""
+  afile = tmp_path / "afile"
+  afile.write_text("not a directory\n")
+  r = _main(afile, multi30k_dir, "--mode=train")
+  assert r.returncode == 2 and afile.read_text() == "not a directory\n"
+  assert r.stderr.strip().splitlines()[-1] == f"error: --workdir {afile} is a file, not a directory"
+  workdir = tmp_path / "copy"
+  shutil.copytree(shared_run, workdir)
+  (workdir / "spm.model").write_bytes(b"damaged")
+  for mode in ("translate", "train"):
+    lines = _bad(workdir, multi30k_dir, f"--mode={mode}")
+    assert lines[-1] == (f"error: {workdir}/spm.model is not a readable SentencePiece model"
+                         " (damaged?); put back the run's spm.model or pass --vocab_path"), lines[-3:]
+  shutil.copy(shared_run / "spm.model", workdir / "spm.model")
+  files = [os.path.join(d, f) for d, _, fs in os.walk(workdir / "checkpoints" / "16") for f in fs]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 3)
+  lines = _bad(workdir, multi30k_dir, "--mode=translate", "--checkpoint=16")
+  assert lines[-1].startswith(f"error: checkpoint 16 in {workdir}/checkpoints cannot be read ("
+                              ) and "pass another --checkpoint=<step> (have [4, 8, 12, 16])" in lines[-1], lines[-3:]

@@ -87,7 +87,7 @@ def test_failed_training_leaves_no_file(tmp_path):
   path = tmp_path / "bad.model"
   with pytest.raises(ValueError, match="No non-empty sentences"):
     tok_lib.train_sentencepiece(["", "  "], str(path), vocab_size=100)
-  with pytest.raises(Exception):
+  with pytest.raises(ValueError, match="no_such_type"):  # SentencePiece's INVALID_ARGUMENT
     tok_lib.train_sentencepiece(["a b c"] * 10, str(path), vocab_size=100,
                                 model_type="no_such_type")
   assert os.listdir(tmp_path) == []
@@ -116,3 +116,16 @@ def test_word_model_for_parsing_one_token_per_word(tmp_path):
   assert tok.encode("Zyzzyva Quux sat .") == [UNK_ID, UNK_ID] + tok.encode("sat .")
   assert tok.encode_batch([sentence, "Zyzzyva Quux sat ."]) == [
       ids, [UNK_ID, UNK_ID] + tok.encode("sat .")]
+
+
+@pytest.mark.parametrize("content", [b"not a model", b"\x08\x01" * 40], ids=["text", "bytes"])
+def test_damaged_model_file_is_one_clear_error(tmp_path, content):
+  """A damaged or foreign spm.model: a ValueError naming the file (main prints one line),
+  not SentencePiece's RuntimeError; load_or_train neither retrains nor overwrites it."""
+  path = tmp_path / "spm.model"
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=f"{path} is not a readable SentencePiece model"):
+    tok_lib.Tokenizer.load(str(path))
+  with pytest.raises(ValueError, match="not a readable SentencePiece model"):
+    tok_lib.load_or_train(str(path), lambda: ["a b c"], 100)
+  assert path.read_bytes() == content

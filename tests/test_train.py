@@ -1,8 +1,10 @@
 """Section 5 checks: label smoothing, the learning-rate schedule, Adam, learning on real pairs."""
 
 import dataclasses
+import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,3 +178,69 @@ def test_epoch_over_buckets_compiles_once_per_bucket_shape(multi30k_dir):
   assert len(distinct) <= len(boundaries)
   assert trainer._train_step._cache_size() == len(distinct), (  # pylint: disable=protected-access
       trainer._train_step._cache_size(), sorted(distinct))  # pylint: disable=protected-access
+
+
+class _Unigram(nn.Module):
+  """Toy model: the same logits w + 1e-8 t at every target position. The gradient of t is
+  1e-8 times that of w, so Adam's sqrt(v_hat) for t is ~1e-9, the size of the paper's eps."""
+  vocab: int
+
+  @nn.compact
+  def __call__(self, inputs, targets, deterministic=True):
+    del inputs, deterministic
+    w = self.param("w", nn.initializers.normal(1e-3), (self.vocab,))
+    t = self.param("t", nn.initializers.zeros, (self.vocab,))
+    return jnp.broadcast_to(w + 1e-8 * t, targets.shape + (self.vocab,))
+
+
+def test_three_adam_steps_through_the_train_step_by_hand():
+  """Section 5.3: Adam with beta1 = 0.9, beta2 = 0.98, eps = 1e-9 and the paper's rate,
+  through `train_step` with the optimizer `Trainer` builds from the default config.
+
+  The oracle is numpy: the smoothed loss's gradient softmax(z) - q averaged over tokens, then
+  three bias-corrected Adam updates with the paper's constants written out here. Steps 2 and
+  3 see different batches, so their updates depend on beta1 and beta2; the `t` parameter's
+  updates depend on eps.
+  """
+  V, eps_ls = 5, 0.1
+  mcfg, tcfg = ModelConfig(d_model=512), TrainConfig()
+  model = _Unigram(V)
+  params = model.init(jax.random.PRNGKey(0), None, jnp.zeros((1, 1), jnp.int32))["params"]
+  optimizer = train.make_optimizer(mcfg, tcfg)
+  state = train.TrainState(step=jnp.array(0, jnp.int32), params=params,
+                           opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1))
+  batches = [np.array([[1, 2, 2, PAD_ID]]), np.array([[4, 4, 4, 3]]), np.array([[3, PAD_ID, PAD_ID, PAD_ID]])]
+  w = np.asarray(params["w"], np.float64)
+  t = np.zeros(V)
+  m = {"w": np.zeros(V), "t": np.zeros(V)}
+  v = {"w": np.zeros(V), "t": np.zeros(V)}
+  b1, b2, eps = 0.9, 0.98, 1e-9  # the paper's values
+  step_fn = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer,
+                                      label_smoothing=eps_ls))
+  for k, targets in enumerate(batches, start=1):
+    state, _ = step_fn(state, {"inputs": jnp.asarray(targets), "targets": jnp.asarray(targets)})
+    z = w + 1e-8 * t
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    real = [y for y in targets[0] if y != PAD_ID]
+    g_w = np.zeros(V)
+    for y in real:
+      q = np.full(V, eps_ls / (V - 1))
+      q[y] = 1 - eps_ls
+      g_w += (p - q) / len(real)
+    grads = {"w": g_w, "t": 1e-8 * g_w}
+    lr = 512 ** -0.5 * min(k ** -0.5, k * 4000 ** -1.5)
+    new = {}
+    for name, value in (("w", w), ("t", t)):
+      m[name] = b1 * m[name] + (1 - b1) * grads[name]
+      v[name] = b2 * v[name] + (1 - b2) * grads[name] ** 2
+      m_hat, v_hat = m[name] / (1 - b1 ** k), v[name] / (1 - b2 ** k)
+      new[name] = value - lr * m_hat / (np.sqrt(v_hat) + eps)
+    # Compare the updates (parameter changes), not the parameters: they are ~1e-7, and
+    # float32 parameters of ~1e-3 resolve them to ~1e-10.
+    want = new["w"] - w
+    np.testing.assert_allclose(np.asarray(state.params["w"], np.float64) - w, want, rtol=1e-3,
+                               atol=1e-3 * np.abs(want).max(), err_msg=f"w after step {k}")
+    want = new["t"] - t
+    np.testing.assert_allclose(np.asarray(state.params["t"], np.float64) - t, want, rtol=1e-3,
+                               atol=1e-3 * np.abs(want).max(), err_msg=f"t after step {k}")
+    w, t = np.asarray(state.params["w"], np.float64), np.asarray(state.params["t"], np.float64)

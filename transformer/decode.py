@@ -2,7 +2,8 @@
 
 Score of a finished hypothesis Y: log P(Y | X) / lp(Y), lp(Y) = ((5 + |Y|) / 6)^alpha
 (Wu et al. 2016), |Y| counting EOS. The output of each sentence is at most
-(its source length + `max_decode_len_offset`) tokens long; search stops early when
+(its source length + `max_decode_len_offset`) tokens long (with learned positions also at
+most --max_len, the table's size); search stops early when
 no alive hypothesis can still beat the worst of the `beam_size` finished ones.
 The search is one compiled function per input shape: one `lax.while_loop`, or with
 `cache_segment` one per width of the self-attention cache (see `cache_widths`).
@@ -120,8 +121,15 @@ def beam_search(params, inputs: jax.Array, *, model_cfg: ModelConfig, beam_size:
   max_len = src_len + max_decode_len_offset  # static bound for this input shape
   # Per-sentence bound: source length (non-pad tokens incl. EOS) + offset.
   limits = jnp.sum(inputs != PAD_ID, axis=1) + max_decode_len_offset  # [batch]
+  if model_cfg.positional_encoding == "learned":
+    # A learned table has no row past --max_len: outputs end there (EOS forced).
+    max_len = min(max_len, model_cfg.max_len)
+    limits = jnp.minimum(limits, model_cfg.max_len)
   model = Transformer(model_cfg)
-  decoder = Transformer(dataclasses.replace(model_cfg, decode=True))
+  # Sinusoids exist at every position: the decoder's table covers the whole output limit
+  # (its first --max_len rows are the training table's).
+  decoder = Transformer(dataclasses.replace(model_cfg, decode=True,
+                                            max_len=max(model_cfg.max_len, max_len)))
 
   # [batch, src_len, d_model]: once per sentence. The decoder's beam rows [batch * beam]
   # attend to it sentence by sentence (MultiHeadAttention's query-batch multiple).

@@ -59,6 +59,8 @@ def main(argv):
     _fail(f"unexpected arguments {argv[1:]}; every option is a --flag")
   if not FLAGS.workdir:
     _fail("--workdir is required")
+  if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+    _fail(f"--workdir {FLAGS.workdir} is a file, not a directory")
   if FLAGS.retain_freed_memory and not host.retain_freed_memory():  # before JAX's threads
     logging.warning("--retain_freed_memory: no glibc mallopt here; the allocator is unchanged")
   from transformer import run  # pylint: disable=g-import-not-at-top  (imports jax)

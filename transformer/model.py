@@ -393,7 +393,10 @@ def sinusoidal_positions(length: int, d_model: int) -> np.ndarray:
 class AddPositions(nn.Module):
   """x + PE[positions]: sinusoids (default) or a learned table (Table 3 row E).
 
-  In decode mode the position is the number of tokens decoded so far (kept in 'cache').
+  In decode mode the position is the number of tokens decoded so far (kept in 'cache');
+  `init` checks the cache width against max_len, and a step past the table would read its
+  last row (dynamic_slice clamps), so `decode.beam_search` never runs one: it sizes the
+  sinusoidal table from its output limit and caps the output at max_len for a learned one.
   """
   config: ModelConfig
   decode: bool = False

@@ -162,7 +162,18 @@ def _local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------
 
 def eval_loss(s: Setup, params, tokenized) -> dict[str, float]:
-  """Per-token NLL and perplexity of a tokenized split (teacher forcing, no dropout)."""
+  """Per-token NLL and perplexity of a tokenized split (teacher forcing, no dropout).
+
+  Pairs with a side longer than --max_len do not fit the model: they are left out, with a
+  warning that counts them ('tokens' counts the target tokens scored)."""
+  max_len = s.model_cfg.max_len
+  fits = (tokenized.source_lengths <= max_len) & (tokenized.target_lengths <= max_len)
+  if not fits.all():
+    logging.warning("perplexity: %d of %d pairs are longer than --max_len=%d and left out",
+                    int((~fits).sum()), len(tokenized), max_len)
+    if not fits.any():
+      return {"nll": float("nan"), "perplexity": float("nan"), "tokens": 0.0}
+    tokenized = _rows(tokenized, np.flatnonzero(fits))
   batches = pipeline.make_eval_batches(tokenized, s.cfg.data.eval_tokens_per_batch,
                                        _boundaries(s.cfg), sharding.batch_size_multiple(s.mesh))
   nll, tokens = 0.0, 0.0
@@ -175,9 +186,46 @@ def eval_loss(s: Setup, params, tokenized) -> dict[str, float]:
           "tokens": tokens}
 
 
+def _rows(tokenized: pipeline.TokenizedSplit, rows: np.ndarray,
+          max_len: Optional[int] = None) -> pipeline.TokenizedSplit:
+  """The rows `rows` of `tokenized`; with max_len, each side cut to its first max_len - 1
+  tokens + EOS."""
+  def side(get, lengths):
+    cut = [get(int(i)) for i in rows]
+    if max_len is not None:
+      cut = [r if len(r) <= max_len else np.append(r[:max_len - 1], EOS_ID).astype(r.dtype)
+             for r in cut]
+    flat = np.concatenate(cut) if cut else np.zeros(0, np.int32)
+    return flat, np.asarray([len(r) for r in cut], lengths.dtype)
+  src, src_len = side(tokenized.source, tokenized.source_lengths)
+  tgt, tgt_len = side(tokenized.target, tokenized.target_lengths)
+  # A new in-memory split: `tokenized` may be a TokenizedSplit or a store's StoredSplit.
+  return pipeline.TokenizedSplit(source_tokens=src, source_lengths=src_len,
+                                 target_tokens=tgt, target_lengths=tgt_len,
+                                 index=np.asarray(tokenized.index)[rows],
+                                 ids=np.asarray(tokenized.ids)[rows],
+                                 counts=dict(tokenized.counts))
+
+
+def fit_max_len(tokenized: pipeline.TokenizedSplit, max_len: int) -> pipeline.TokenizedSplit:
+  """Sources longer than --max_len (the model's longest position) cut to its first max_len - 1
+  tokens + EOS, with a warning naming each such line (its 'id' + 1): the other lines are
+  translated as usual. Targets (unused by the search) are cut the same way."""
+  long = np.flatnonzero(tokenized.source_lengths > max_len)
+  for i in long:
+    logging.warning("line %d: %d source tokens (with EOS), more than --max_len=%d; translating"
+                    " its first %d tokens only", int(tokenized.ids[i]) + 1,
+                    int(tokenized.source_lengths[i]), max_len, max_len - 1)
+  if not long.size and not (tokenized.target_lengths > max_len).any():
+    return tokenized
+  return _rows(tokenized, np.arange(len(tokenized)), max_len)
+
+
 def translate_tokenized(s: Setup, searcher: BeamSearcher, params, tokenized,
                         progress: bool = False) -> list[str]:
-  """Beam-search every source of `tokenized`; hypotheses in the original order."""
+  """Beam-search every source of `tokenized`; hypotheses in the original order. Sources
+  longer than --max_len are cut to it (see `fit_max_len`)."""
+  tokenized = fit_max_len(tokenized, s.model_cfg.max_len)
   beam = searcher.decode_cfg.beam_size
   batches = pipeline.make_eval_batches(tokenized, max(s.cfg.decode.decode_tokens_per_batch // beam, 1),
                                        _boundaries(s.cfg), sharding.batch_size_multiple(s.mesh))
@@ -540,8 +588,19 @@ def _restore_params(s: Setup, which: str):
       raise ConfigError(f"--checkpoint must be latest, averaged or a step, got {which!r}") from None
     if step not in steps:
       raise checkpoints.CheckpointError(f"no checkpoint for step {step} in {directory}; have {steps}")
-  _check_same_model(ckpt.restore_config(step), s, f"checkpoint {step} in {directory}")
-  state, _, _ = ckpt.restore(step, s.trainer.abstract_state)
+  try:
+    saved = ckpt.restore_config(step)
+  except Exception as e:  # pylint: disable=broad-except  (any read failure = damaged)
+    raise checkpoints.CheckpointError(f"checkpoint {step} in {directory} cannot be read"
+                                      f" ({type(e).__name__}); pass another --checkpoint=<step>"
+                                      f" (have {steps})") from e
+  _check_same_model(saved, s, f"checkpoint {step} in {directory}")
+  try:
+    state, _, _ = ckpt.restore(step, s.trainer.abstract_state)
+  except Exception as e:  # pylint: disable=broad-except
+    raise checkpoints.CheckpointError(f"checkpoint {step} in {directory} cannot be read"
+                                      f" ({type(e).__name__}); pass another --checkpoint=<step>"
+                                      f" (have {steps})") from e
   ckpt.close()
   logging.info("restored %s checkpoint of step %d", sub, step)
   return state.params, step
@@ -571,9 +630,18 @@ def average(cfg: Config, workdir: str) -> int:
   return steps[-1]
 
 
+def _check_paths(input_path: Optional[str], output_path: Optional[str]) -> None:
+  """--input must be a file and --output must not be a directory (checked before any work)."""
+  if input_path is not None and os.path.isdir(input_path):
+    raise ConfigError(f"--input {input_path} is a directory, not a file")
+  if output_path is not None and os.path.isdir(output_path):
+    raise ConfigError(f"--output {output_path} is a directory, not a file")
+
+
 def evaluate(cfg: Config, workdir: str, which: str = "latest",
              output: Optional[str] = None) -> dict[str, Any]:
   """Beam-searches --test_split, writes hypotheses, prints BLEU (three conventions) and perplexity."""
+  _check_paths(None, output)
   s = setup(cfg, workdir, train_vocab=False)
   params, step = _restore_params(s, which)
   examples, tokenized = _tokenize(s, cfg.data.test_split, train=False)
@@ -627,17 +695,19 @@ def evaluate(cfg: Config, workdir: str, which: str = "latest",
 def translate(cfg: Config, workdir: str, which: str = "latest", input_path: Optional[str] = None,
               output_path: Optional[str] = None) -> list[str]:
   """Translates lines of --input (or stdin) to --output (or stdout), in order."""
-  s = setup(cfg, workdir, train_vocab=False)
-  params, _ = _restore_params(s, which)
   if input_path is not None and not os.path.exists(input_path):
     raise FileNotFoundError(f"--input {input_path} does not exist")
+  _check_paths(input_path, output_path)
+  s = setup(cfg, workdir, train_vocab=False)
+  params, _ = _restore_params(s, which)
   stream = open(input_path, "rb") if input_path else sys.stdin.buffer
   with stream:
     lines = [raw.decode("utf-8", errors="replace").rstrip("\r\n") for raw in stream]
   examples = [{"source": line, "target": "", "id": i} for i, line in enumerate(lines)]
-  tokenized = pipeline.tokenize_split(examples, s.tokenizer)
-  searcher = _searcher(s)
-  hyps = translate_tokenized(s, searcher, params, tokenized, progress=True) if lines else []
+  hyps: list[str] = []
+  if lines:  # no input lines: no output lines (a filter on empty input)
+    tokenized = pipeline.tokenize_split(examples, s.tokenizer)
+    hyps = translate_tokenized(s, _searcher(s), params, tokenized, progress=True)
   if cfg.data.task == "parsing":  # bracketed trees (placeholder POS tags)
     hyps = [t.to_string() for t, _ in parsing.predict_trees(hyps, examples)]
   if s.is_chief:

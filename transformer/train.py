@@ -104,7 +104,12 @@ def smoothed_cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothin
   """Label-smoothed cross entropy per token.
 
   The smoothed target puts 1 - eps on the reference token y and eps / (V - 1) on each
-  other token. With log p_v = z_v - lse(z), only three reductions over the vocabulary
+  of the V - 1 other ids, PAD, BOS, EOS and UNK included. The paper (section 5.4) gives no
+  formula; this is tensor2tensor's form (the authors' code). Szegedy et al. (2016) spread
+  eps / K over all K classes, y included, which is the same target with eps' = eps (V - 1)
+  / V. PAD keeps its share although it is never a target, so the model learns to give it
+  about eps / (V - 1) rather than 0 (beam search can emit PAD only if it outscores EOS and
+  every real token). With log p_v = z_v - lse(z), only three reductions over the vocabulary
   are needed (lse, z_y, sum_v z_v), so the [batch, length, vocab] log-probabilities are
   never materialised.
   logits: [batch, length, vocab]; targets: [batch, length].

@@ -112,7 +112,11 @@ class Tokenizer:
   def __init__(self, model_proto: bytes, path: Optional[str] = None):
     self._proto = model_proto
     self.path = path
-    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    except RuntimeError:  # SentencePiece's protobuf parse failure: a damaged or foreign file
+      raise ValueError(f"{path or '<proto>'} is not a readable SentencePiece model (damaged?);"
+                       " put back the run's spm.model or pass --vocab_path") from None
     expected = {PAD_ID: "pad", EOS_ID: "eos", BOS_ID: "bos", UNK_ID: "unk"}
     got = {"pad": self._sp.pad_id(), "eos": self._sp.eos_id(),
            "bos": self._sp.bos_id(), "unk": self._sp.unk_id()}

@@ -1,0 +1,109 @@
+"""Workflow error paths and input limits of transformer/run.py, in process (no subprocess)."""
+
+import dataclasses
+import logging as std_logging
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from transformer import checkpoints, config as config_lib, run, sharding
+from transformer.config import EOS_ID, ModelConfig, TrainConfig
+from transformer.data import pipeline
+from transformer.train import Trainer
+
+CFG = ModelConfig(vocab_size=40, d_model=16, d_ff=32, num_heads=2, num_encoder_layers=1,
+                  num_decoder_layers=1)
+
+
+class _Vocab:
+  """Stands in for the Tokenizer in `_check_same_model`: a path and a fingerprint."""
+  path = "/w/spm.model"
+
+  def fingerprint(self):
+    return "a" * 64
+
+
+def _setup(workdir):
+  cfg = config_lib.Config(model=CFG, train=TrainConfig(warmup_steps=5))
+  trainer = Trainer(CFG, cfg.train, sharding.make_mesh("data:1", jax.devices()[:1]))
+  return types.SimpleNamespace(cfg=cfg, workdir=str(workdir), model_cfg=CFG, trainer=trainer,
+                               tokenizer=_Vocab())
+
+
+def _saved(setup, sha):
+  d = {"model": dataclasses.asdict(setup.model_cfg),
+       "vocabulary": {"requested_size": setup.cfg.model.vocab_size, "size": 40, "sha256": sha}}
+  return d
+
+
+def test_resume_with_another_vocabulary_is_refused(tmp_path):
+  s = _setup(tmp_path)
+  run._check_same_model(_saved(s, "a" * 64), s, "checkpoint 4")  # the same vocabulary: fine
+  with pytest.raises(config_lib.ConfigError,
+                     match="checkpoint 4 was trained with another vocabulary than /w/spm.model"):
+    run._check_same_model(_saved(s, "b" * 64), s, "checkpoint 4")
+
+
+def test_checkpoint_flag_names_a_saved_step(tmp_path):
+  s = _setup(tmp_path)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  ckpt.save(3, s.trainer.init_state(0), {}, _saved(s, "a" * 64))
+  ckpt.close()
+  params, step = run._restore_params(s, "3")
+  assert step == 3 and jax.tree.leaves(params)
+  with pytest.raises(checkpoints.CheckpointError, match=r"no checkpoint for step 7 in .* have \[3\]"):
+    run._restore_params(s, "7")
+  with pytest.raises(config_lib.ConfigError,
+                     match="--checkpoint must be latest, averaged or a step, got 'last'"):
+    run._restore_params(s, "last")
+  with pytest.raises(checkpoints.CheckpointError, match="and run --mode=average"):
+    run._restore_params(s, "averaged")
+  for error in (checkpoints.CheckpointError, config_lib.ConfigError):
+    assert issubclass(error, run.USER_ERRORS)  # main prints one 'error:' line
+
+
+def test_attention_needs_a_sentence(tmp_path):
+  for sentence in ("", "   "):
+    with pytest.raises(config_lib.ConfigError, match="--sentence is required"):
+      run.attention(config_lib.Config(), str(tmp_path), sentence)
+  assert not list(tmp_path.iterdir())
+
+
+class _WordIds:
+  def encode(self, text):
+    return [4 + len(w) for w in text.split()]
+
+
+def test_fit_max_len_cuts_only_long_sources_and_names_them(caplog):
+  """Lines of 3, 7 and 2 words (+ EOS) with max_len 5: the second becomes its first 4 ids +
+  EOS (a warning names line 2); the others are untouched, in order."""
+  lines = ["a bb ccc", "a bb ccc dddd eeeee ffffff ggggggg", "x yy"]
+  tokenized = pipeline.tokenize_split([{"source": l, "target": "", "id": i}
+                                       for i, l in enumerate(lines)], _WordIds())
+  with caplog.at_level(std_logging.WARNING):
+    out = run.fit_max_len(tokenized, 5)
+  assert [out.source(i).tolist() for i in range(3)] == [
+      [5, 6, 7, EOS_ID], [5, 6, 7, 8, EOS_ID], [5, 6, EOS_ID]]
+  assert out.index.tolist() == [0, 1, 2] and out.ids.tolist() == [0, 1, 2]
+  assert [out.target(i).tolist() for i in range(3)] == [[EOS_ID]] * 3
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == std_logging.WARNING]
+  assert warnings == ["line 2: 8 source tokens (with EOS), more than --max_len=5; translating"
+                      " its first 4 tokens only"]
+  assert run.fit_max_len(tokenized, 8) is tokenized  # nothing to cut
+
+
+def test_directories_as_input_or_output_fail_before_any_work(tmp_path):
+  """Checked before the vocabulary or a checkpoint is even looked for (the workdir is empty)."""
+  workdir = tmp_path / "empty"
+  workdir.mkdir()
+  (tmp_path / "in.txt").write_text("a\n")
+  with pytest.raises(config_lib.ConfigError, match=f"--input {tmp_path} is a directory"):
+    run.translate(config_lib.Config(), str(workdir), input_path=str(tmp_path))
+  with pytest.raises(config_lib.ConfigError, match=f"--output {tmp_path} is a directory"):
+    run.translate(config_lib.Config(), str(workdir), input_path=str(tmp_path / "in.txt"),
+                  output_path=str(tmp_path))
+  with pytest.raises(config_lib.ConfigError, match=f"--output {tmp_path} is a directory"):
+    run.evaluate(config_lib.Config(), str(workdir), output=str(tmp_path))
+  assert not list(workdir.iterdir())
