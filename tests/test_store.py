@@ -387,3 +387,21 @@ def test_benchmark_script_at_tiny_size(tmp_path):
       "prepare", "first_start", "restart", "iterate", "iterate_2proc"}
   lines = (tmp_path / "corpus" / "train.en").read_text().splitlines()
   assert len(lines) == 400 and all(lines)
+
+
+def test_a_stored_split_is_cut_to_max_len_like_an_in_memory_one(tmp_path, examples, toks):
+  """Evaluation cuts sources longer than --max_len (run.fit_max_len) on a store's split too."""
+  from transformer import run  # pylint: disable=g-import-not-at-top
+  tok = toks[0]
+  directory, _, _ = store.open_or_build(examples, tok, str(tmp_path))
+  src, tgt = _oracle(examples, tok)
+  max_len = sorted(len(s) for s in src)[len(src) // 2]  # about half the sources are longer
+  cut = run.fit_max_len(store.StoredSplit(directory), max_len)
+  assert len(cut) == len(examples)
+  for i in range(len(examples)):
+    want = src[i] if len(src[i]) <= max_len else src[i][:max_len - 1] + [EOS_ID]
+    assert cut.source(i).tolist() == want
+    want = tgt[i] if len(tgt[i]) <= max_len else tgt[i][:max_len - 1] + [EOS_ID]
+    assert cut.target(i).tolist() == want
+  assert cut.ids.tolist() == [ex["id"] for ex in examples]
+  assert cut.index.tolist() == list(range(len(examples)))
