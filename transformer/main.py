@@ -11,6 +11,8 @@ Modes:
   translate  translate sentences from --input (default stdin) to --output (default stdout)
   plot       learning curves of <workdir>/metrics.jsonl -> <workdir>/plots/learning_curves.png
   attention  heatmaps of every layer/head for --sentence -> <workdir>/plots/attention_*.png
+  compile    compile the run's train/eval/decode programs for --topology (a TPU slice or GPU
+             node, no accelerator needed): memory per device, fit, FLOPs, step time
 """
 
 from __future__ import annotations
@@ -27,13 +29,18 @@ FLAGS = flags.FLAGS
 config_lib.define_flags(FLAGS)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, vocabulary, metrics, outputs.")
 flags.DEFINE_enum("mode", "train",
-                  ["train", "evaluate", "translate", "average", "plot", "attention"], "What to do.")
+                  ["train", "evaluate", "translate", "average", "plot", "attention", "compile"],
+                  "What to do.")
 flags.DEFINE_string("checkpoint", "latest",
                     "Checkpoint for evaluate/translate: 'latest', 'averaged' or a step number.")
 flags.DEFINE_string("input", None, "translate: input file (default stdin).")
 flags.DEFINE_string("output", None, "translate: output file (default stdout);"
                     " evaluate: hypotheses file (default <workdir>/<split>.hyp).")
 flags.DEFINE_string("sentence", "", "attention: the source sentence to draw.")
+flags.DEFINE_string("topology", None, "compile: v4-8, v5p-8, v5e-8, v5e-16, v6e-8, a100-40gb-x8,"
+                    " a100-80gb-x8 or h100-x8 (transformer/aot.py ACCELERATORS).")
+flags.DEFINE_integer("num_slices", 1, "compile: TPU slices (multi-slice v5e-16).")
+flags.DEFINE_float("mfu", 0.4, "compile: model FLOP utilisation assumed for step times.")
 host.define_flag()
 
 
@@ -54,7 +61,12 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; every option is a --flag")
-  if not FLAGS.workdir:
+  if FLAGS.mode == "compile":
+    if not FLAGS.topology:
+      _fail("--mode=compile needs --topology")
+    # Compile for the accelerator from the host: keep JAX's own backend on the CPU.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  elif not FLAGS.workdir:
     _fail("--workdir is required")
   if FLAGS.retain_freed_memory and not host.retain_freed_memory():  # before JAX's threads
     logging.warning("--retain_freed_memory: no glibc mallopt here; the allocator is unchanged")
@@ -73,6 +85,9 @@ def main(argv):
       run.plot(FLAGS.workdir, FLAGS.output)
     elif FLAGS.mode == "attention":
       run.attention(cfg, FLAGS.workdir, FLAGS.sentence, FLAGS.checkpoint, FLAGS.output)
+    elif FLAGS.mode == "compile":
+      from transformer import aot  # pylint: disable=g-import-not-at-top
+      aot.run(cfg, FLAGS.topology, FLAGS.num_slices, FLAGS.mfu)
   except run.USER_ERRORS as e:
     _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
