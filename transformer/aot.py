@@ -95,8 +95,11 @@ def compile_devices(acc: Accelerator, num_slices: int = 1) -> list:
   if acc.platform == "tpu":
     if importlib.util.find_spec("libtpu") is None:
       raise ConfigError(f"--topology={acc.name} needs libtpu: pip install -e '.[tpu]'")
-    # Without a TPU, libtpu would otherwise warn that it cannot find its hosts.
+    # Without a TPU, libtpu would otherwise warn that it cannot find its hosts; compiling
+    # touches no chip, so several processes may load libtpu at once (its lock file is for
+    # processes that own the chips).
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE",
                           _TPU_ACCELERATOR_TYPES[acc.topology.split(":")[0]])
     kwargs: dict[str, Any] = {"num_slices": num_slices}
@@ -184,16 +187,20 @@ def _per_device_bytes(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
-_OOM_USED = re.compile(r"[Uu]sed\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm")
+# libtpu's RESOURCE_EXHAUSTED messages: "... required for HLO temporaries (38.31G) exceeds
+# available HBM (15.75G)" or "Used 20.3G of 15.75G hbm".
+_OOM_BYTES = (re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM"),
+              re.compile(r"[Uu]sed\s+([\d.]+)([KMGT]?)\s+of\s+[\d.]+[KMGT]?\s+hbm"))
 
 
 def _oom_bytes(message: str) -> Optional[int]:
-  """'... Used 20.3G of 15.75G hbm ...' -> 20.3 GiB in bytes (libtpu's RESOURCE_EXHAUSTED)."""
-  m = _OOM_USED.search(message)
-  if not m:
-    return None
-  scale = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[m.group(2)]
-  return int(float(m.group(1)) * scale)
+  """The bytes per device the compiler asked for, from its out-of-memory message."""
+  for pattern in _OOM_BYTES:
+    m = pattern.search(message)
+    if m:
+      scale = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[m.group(2)]
+      return int(float(m.group(1)) * scale)
+  return None
 
 
 def _compile(lowered) -> dict[str, Any]:
@@ -375,12 +382,13 @@ def format_report(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def run(cfg: Config, topology: str, num_slices: int = 1, mfu: float = 0.4) -> dict[str, Any]:
+def run(cfg: Config, topology: str, num_slices: int = 1, mfu: float = 0.4,
+        programs: tuple[str, ...] = ("train", "eval", "decode")) -> dict[str, Any]:
   """--mode=compile: compiles, prints the report and one JSON line; ConfigError if a program
   does not fit (naming what to change)."""
   if not 0.0 < mfu <= 1.0:
     raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
-  report = estimate(compile_programs(cfg, topology, num_slices), cfg, mfu)
+  report = estimate(compile_programs(cfg, topology, num_slices, programs), cfg, mfu)
   print(format_report(report))
   print(json.dumps(report, sort_keys=True))
   bad = [n for n, p in report["programs"].items() if not p["fits"]]
