@@ -33,8 +33,10 @@ flags.DEFINE_list("topologies", ["v5e-8", "v4-8", "a100-40gb-x8", "h100-x8"], "P
 flags.DEFINE_list("programs", ["train", "eval", "decode"], "Programs compiled in part 1.")
 flags.DEFINE_list("search_topologies", [], "Part 2 targets (empty: skip).")
 flags.DEFINE_list("search_models", ["base_en_de", "big_en_de"], "Part 2 configurations.")
-flags.DEFINE_integer("resolution", 512, "Part 2: tokens per device resolution.")
+flags.DEFINE_integer("resolution", 1024, "Part 2: tokens per device resolution.")
 flags.DEFINE_float("mfu", 0.4, "Model FLOP utilisation assumed for step times.")
+flags.DEFINE_list("extra_flags", [], "Flags added to every configuration, e.g. --scan_layers"
+                  " (one compiled layer per stack: compiles several times faster).")
 flags.DEFINE_string("out", None, "Also append every JSON line to this file.")
 FLAGS = flags.FLAGS
 
@@ -45,7 +47,8 @@ def _cfg(name: str, *extra: str) -> config_lib.Config:
   cwd = os.getcwd()
   os.chdir(REPO)  # nested --flagfile paths are relative to the repository root
   try:
-    return config_lib.from_args([f"--flagfile=experiments/paper/{name}.flags", *extra])
+    return config_lib.from_args([f"--flagfile=experiments/paper/{name}.flags",
+                                 *FLAGS.extra_flags, *extra])
   finally:
     os.chdir(cwd)
 

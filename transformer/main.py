@@ -68,6 +68,7 @@ def main(argv):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   elif not FLAGS.workdir:
     _fail("--workdir is required")
+  host.cpu_unless_accelerator()  # installed TPU/GPU plugins are not probed on a CPU host
   if FLAGS.retain_freed_memory and not host.retain_freed_memory():  # before JAX's threads
     logging.warning("--retain_freed_memory: no glibc mallopt here; the allocator is unchanged")
   from transformer import run  # pylint: disable=g-import-not-at-top  (imports jax)
