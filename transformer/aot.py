@@ -366,7 +366,8 @@ def format_report(report: dict[str, Any]) -> str:
     if p.get("model_flops") is not None:
       flops.append(f"model {p['model_flops']:.3g}")
     if p.get("xla_flops") is not None:
-      flops.append(f"XLA {p['xla_flops']:.3g}" + (" (loop bodies once)" if name == "decode" else ""))
+      once = name == "decode" or report["scan_layers"]  # XLA counts a loop body once
+      flops.append(f"XLA {p['xla_flops']:.3g}" + (" (loop bodies once)" if once else ""))
     if flops:
       lines.append(f"         FLOPs per device per call: {', '.join(flops)}")
   est = report.get("estimate", {})
