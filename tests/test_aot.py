@@ -1,6 +1,5 @@
 """Ahead-of-time compilation for TPU slices and GPU nodes (needs the [tpu] and [gpu] extras)."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,8 +12,7 @@ from transformer.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-if importlib.util.find_spec("libtpu") is None or importlib.util.find_spec(
-    "jax_plugins.xla_cuda12") is None:
+if not (aot.installed("libtpu") and aot.installed("jax_plugins.xla_cuda12")):
   raise RuntimeError("tests/test_aot.py needs the compilers for TPU and GPU:"
                      " pip install -c constraints.txt -e '.[test,tpu,gpu]'")
 
@@ -130,11 +128,11 @@ def test_oversized_config_fails_naming_what_to_change(capsys):
 
 
 def test_missing_compiler_names_the_extra(monkeypatch):
-  real = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, "find_spec",
-                      lambda name, *a: None if name == "libtpu" else real(name, *a))
+  monkeypatch.setattr(aot, "installed", lambda module: False)
   with pytest.raises(ConfigError, match=r"needs libtpu: pip install -e '\.\[tpu\]'"):
     aot.compile_devices(aot.accelerator("v5e-8"))
+  with pytest.raises(ConfigError, match=r"needs the CUDA plugin: pip install -e '\.\[gpu\]'"):
+    aot.compile_devices(aot.accelerator("h100-x8"))
   with pytest.raises(ConfigError, match="unknown"):
     aot.accelerator("v3-8")
   with pytest.raises(ConfigError, match="num_slices"):

@@ -85,6 +85,14 @@ def accelerator(name: str) -> Accelerator:
   return ACCELERATORS[name]
 
 
+def installed(module: str) -> bool:
+  """Whether `module` (e.g. 'libtpu', 'jax_plugins.xla_cuda12') can be imported."""
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # its parent package is missing
+    return False
+
+
 def compile_devices(acc: Accelerator, num_slices: int = 1) -> list:
   """Compile-only devices of the slice(s)/node; ConfigError naming what to install."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
@@ -93,7 +101,7 @@ def compile_devices(acc: Accelerator, num_slices: int = 1) -> list:
     raise ConfigError(f"--num_slices={num_slices}: {acc.name} takes 1"
                       f" (several slices: {', '.join(multi)})")
   if acc.platform == "tpu":
-    if importlib.util.find_spec("libtpu") is None:
+    if not installed("libtpu"):
       raise ConfigError(f"--topology={acc.name} needs libtpu: pip install -e '.[tpu]'")
     # Without a TPU, libtpu would otherwise warn that it cannot find its hosts; compiling
     # touches no chip, so several processes may load libtpu at once (its lock file is for
@@ -107,7 +115,7 @@ def compile_devices(acc: Accelerator, num_slices: int = 1) -> list:
       kwargs["chip_config_name"] = acc.chip_config
     return list(topologies.get_topology_desc(platform="tpu", topology_name=acc.topology,
                                              **kwargs).devices)
-  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+  if not installed("jax_plugins.xla_cuda12"):
     raise ConfigError(f"--topology={acc.name} needs the CUDA plugin: pip install -e '.[gpu]'")
   path = os.path.join(os.path.dirname(__file__), "targets", acc.target_config)
   with open(path, encoding="utf-8") as f:
