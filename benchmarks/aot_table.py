@@ -38,6 +38,8 @@ flags.DEFINE_float("mfu", 0.4, "Model FLOP utilisation assumed for step times.")
 flags.DEFINE_list("extra_flags", [], "Flags added to every configuration, e.g. --scan_layers"
                   " (one compiled layer per stack: compiles several times faster).")
 flags.DEFINE_string("out", None, "Also append every JSON line to this file.")
+flags.DEFINE_string("render", None, "Only print the markdown tables of this file's JSON lines"
+                    " (written by --out), compiling nothing.")
 FLAGS = flags.FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,6 +124,7 @@ def search(name: str, topology: str, remat: bool, resolution: int) -> dict:
     else:
       hi_t = t
   rec = {"part": "search_result", "config": name, "topology": topology, "remat": remat,
+         "scan_layers": "--scan_layers" in FLAGS.extra_flags,
          "max_tokens_per_device": lo_t, "first_non_fit": hi_t,
          "total_bytes_at_max": probes[lo_t]["total_bytes"] if lo_t in probes else None,
          "compiles": len(probes)}
@@ -136,6 +139,12 @@ def _gib(n):
 def main(argv):
   del argv
   rows, found = [], []
+  if FLAGS.render:
+    with open(FLAGS.render, encoding="utf-8") as f:
+      records = [json.loads(line) for line in f if line.strip()]
+    render([r for r in records if r["part"] == "table"],
+           [r for r in records if r["part"] == "search_result"])
+    return
   for name in FLAGS.configs:
     for topology in FLAGS.topologies:
       cfg = _cfg(name)
@@ -149,28 +158,33 @@ def main(argv):
     for name in FLAGS.search_models:
       for remat in (False, True):
         found.append(search(name, topology, remat, FLAGS.resolution))
+  render(rows, found)
 
-  print("\n| config | topology | mesh | program [batch, length] | GiB per device (budget) | fits |"
+
+def render(rows: list[dict], found: list[dict]) -> None:
+  """Markdown: one row per compiled program; one per searched batch limit."""
+  print("\n| config | topology | program [batch, length] | GiB per device (budget) | fits |"
         " model FLOPs/device | est. step (s) | paper 8xP100 (s) | compile (s) |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     acc = aot.accelerator(r["topology"])
-    mesh = "x".join(str(v) for v in r["mesh"].values())
     for prog, p in r["programs"].items():
       est = r["estimate"]
-      step = f"{est['step_seconds']:.2f}" if prog == "train" else ""
+      step = f"{est['step_seconds']:.3f}" if prog == "train" else ""
       paper = str(est.get("paper_step_seconds_8xP100", "")) if prog == "train" else ""
       flops = f"{p['model_flops']:.3g}" if p.get("model_flops") else ""
-      print(f"| {r['config']} | {r['topology']} | {mesh} | {prog} [{p['batch']}, {p['length']}] |"
+      print(f"| {r['config']}{' (scan)' if r['scan_layers'] else ''} | {r['topology']} | {prog} [{p['batch']}, {p['length']}] |"
             f" {_gib(p['total_bytes'])} ({acc.budget_bytes / aot.GiB:.1f}) |"
             f" {'yes' if p['fits'] else '**no**'} | {flops} | {step} | {paper} |"
             f" {p['compile_seconds']:.0f} |")
   if found:
-    print("\n| config | topology | remat | max tokens per device | GiB at max | compiles |")
-    print("|---|---|---|---|---|---|")
+    print("\n| config | topology | remat | max tokens per device | GiB at max |"
+          " first that does not fit | compiles |")
+    print("|---|---|---|---|---|---|---|")
     for r in found:
-      print(f"| {r['config']} | {r['topology']} | {r['remat']} | {r['max_tokens_per_device']} |"
-            f" {_gib(r['total_bytes_at_max'])} | {r['compiles']} |")
+      print(f"| {r['config']}{' (scan)' if r.get('scan_layers') else ''} | {r['topology']} |"
+            f" {r['remat']} | {r['max_tokens_per_device']} | {_gib(r['total_bytes_at_max'])} |"
+            f" {r['first_non_fit']} | {r['compiles']} |")
   sys.stdout.flush()
 
 
