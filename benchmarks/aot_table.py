@@ -33,6 +33,7 @@ flags.DEFINE_list("topologies", ["v5e-8", "v4-8", "a100-40gb-x8", "h100-x8"], "P
 flags.DEFINE_list("programs", ["train", "eval", "decode"], "Programs compiled in part 1.")
 flags.DEFINE_list("search_topologies", [], "Part 2 targets (empty: skip).")
 flags.DEFINE_list("search_models", ["base_en_de", "big_en_de"], "Part 2 configurations.")
+flags.DEFINE_list("search_remat", ["false", "true"], "Part 2: --remat settings searched.")
 flags.DEFINE_integer("resolution", 1024, "Part 2: tokens per device resolution.")
 flags.DEFINE_float("mfu", 0.4, "Model FLOP utilisation assumed for step times.")
 flags.DEFINE_list("extra_flags", [], "Flags added to every configuration, e.g. --scan_layers"
@@ -104,6 +105,10 @@ def search(name: str, topology: str, remat: bool, resolution: int) -> dict:
       r = probe(guess)
       if r["fits"]:
         lo_t = max(lo_t or 0, guess)
+        if hi_t is None and probe(guess + resolution)["fits"]:  # the line underestimated
+          lo_t = guess + resolution
+        elif hi_t is None:
+          hi_t = guess + resolution
       else:
         hi_t = guess if hi_t is None else min(hi_t, guess)
   # Bisection between the largest fit and the smallest non-fit.
@@ -156,7 +161,7 @@ def main(argv):
       rows.append(rec)
   for topology in FLAGS.search_topologies:
     for name in FLAGS.search_models:
-      for remat in (False, True):
+      for remat in (v.lower() == "true" for v in FLAGS.search_remat):
         found.append(search(name, topology, remat, FLAGS.resolution))
   render(rows, found)
 
