@@ -9,6 +9,8 @@ import pytest
 
 from transformer import host
 
+# Tests run on the CPU; libtpu and the CUDA plugin (the [tpu]/[gpu] extras) only compile.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Eight host devices for the sharding tests; must be set before JAX initialises its backend.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()

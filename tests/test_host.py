@@ -45,3 +45,16 @@ def test_retained_memory_is_reused_without_page_faults(mib):
   assert _faults("default", mib) > pages // 2
   # Retained: the third step reuses the pages the first one faulted in.
   assert _faults("retain", mib) < pages // 100
+
+
+def test_cpu_unless_accelerator(monkeypatch):
+  from transformer import host
+  env = {}
+  monkeypatch.setattr(host.glob, "glob", lambda pattern: [])
+  assert host.cpu_unless_accelerator(env) and env == {"JAX_PLATFORMS": "cpu"}
+  env = {"JAX_PLATFORMS": "tpu"}  # an explicit choice stays
+  assert not host.cpu_unless_accelerator(env) and env == {"JAX_PLATFORMS": "tpu"}
+  env = {}
+  monkeypatch.setattr(host.glob, "glob",
+                      lambda pattern: ["/dev/accel0"] if pattern == "/dev/accel*" else [])
+  assert not host.cpu_unless_accelerator(env) and env == {}

@@ -251,3 +251,8 @@ class BeamSearcher:
     with sharding.mesh_context(self.mesh):
       seqs, scores = self._search(params, inputs)
     return seqs[:, 0], scores[:, 0]
+
+  def lower(self, params, inputs):
+    """The jitted search lowered for abstract params and inputs [batch, src_len]."""
+    with sharding.mesh_context(self.mesh):
+      return self._search.lower(params, inputs)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
+import os
 import sys
 
 # mallopt(3) parameters, from glibc's <malloc.h>.
@@ -44,6 +46,23 @@ def retain_freed_memory() -> bool:
   for param, value in _SETTINGS:
     if libc.mallopt(param, value) != 1:
       raise RuntimeError(f"mallopt({param}, {value}) failed")
+  return True
+
+
+# Device files of a TPU VM (accel, vfio), an NVIDIA GPU or an AMD GPU (kfd).
+ACCELERATOR_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
+
+
+def cpu_unless_accelerator(environ=os.environ) -> bool:
+  """Sets JAX_PLATFORMS=cpu when it is unset and the host has no accelerator device file.
+
+  With libtpu or the CUDA plugin installed (the [tpu]/[gpu] extras, for --mode=compile),
+  JAX would otherwise try them on every start on a CPU-only host and print a traceback
+  and libtpu warnings. Returns whether it set it.
+  """
+  if "JAX_PLATFORMS" in environ or any(glob.glob(p) for p in ACCELERATOR_DEVICE_FILES):
+    return False
+  environ["JAX_PLATFORMS"] = "cpu"
   return True
 
 

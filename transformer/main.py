@@ -13,6 +13,8 @@ Modes:
   translate  translate sentences from --input (default stdin) to --output (default stdout)
   plot       learning curves of <workdir>/metrics.jsonl -> <workdir>/plots/learning_curves.png
   attention  heatmaps of every layer/head for --sentence -> <workdir>/plots/attention_*.png
+  compile    compile the run's train/eval/decode programs for --topology (a TPU slice or GPU
+             node, no accelerator needed): memory per device, fit, FLOPs, step time
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ FLAGS = flags.FLAGS
 config_lib.define_flags(FLAGS)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, vocabulary, metrics, outputs.")
 flags.DEFINE_enum("mode", "train",
-                  ["prepare", "train", "evaluate", "translate", "average", "plot", "attention"],
+                  ["prepare", "train", "evaluate", "translate", "average", "plot", "attention",
+                   "compile"],
                   "What to do.")
 flags.DEFINE_string("checkpoint", "latest",
                     "Checkpoint for evaluate/translate: 'latest', 'averaged' or a step number.")
@@ -37,6 +40,10 @@ flags.DEFINE_string("input", None, "translate: input file (default stdin).")
 flags.DEFINE_string("output", None, "translate: output file (default stdout);"
                     " evaluate: hypotheses file (default <workdir>/<split>.hyp).")
 flags.DEFINE_string("sentence", "", "attention: the source sentence to draw.")
+flags.DEFINE_string("topology", None, "compile: v4-8, v5p-8, v5e-8, v5e-16, v6e-8, a100-40gb-x8,"
+                    " a100-80gb-x8 or h100-x8 (transformer/aot.py ACCELERATORS).")
+flags.DEFINE_integer("num_slices", 1, "compile: TPU slices (multi-slice v5e-16).")
+flags.DEFINE_float("mfu", 0.4, "compile: model FLOP utilisation assumed for step times.")
 host.define_flag()
 
 
@@ -57,10 +64,18 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; every option is a --flag")
-  if not FLAGS.workdir:
+  if FLAGS.mode == "compile":
+    if not FLAGS.topology:
+      _fail("--mode=compile needs --topology")
+    # Compile for the accelerator from the host: keep JAX's own backend on the CPU.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  elif not FLAGS.workdir:
     _fail("--workdir is required")
-  if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+  if FLAGS.workdir and os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
     _fail(f"--workdir {FLAGS.workdir} is a file, not a directory")
+  if host.cpu_unless_accelerator():  # installed TPU/GPU plugins are not probed on a CPU host
+    logging.info("no TPU/GPU device files (%s): JAX_PLATFORMS=cpu; set JAX_PLATFORMS to"
+                 " override", ", ".join(host.ACCELERATOR_DEVICE_FILES))
   if FLAGS.retain_freed_memory and not host.retain_freed_memory():  # before JAX's threads
     logging.warning("--retain_freed_memory: no glibc mallopt here; the allocator is unchanged")
   from transformer import run  # pylint: disable=g-import-not-at-top  (imports jax)
@@ -80,6 +95,9 @@ def main(argv):
       run.plot(FLAGS.workdir, FLAGS.output)
     elif FLAGS.mode == "attention":
       run.attention(cfg, FLAGS.workdir, FLAGS.sentence, FLAGS.checkpoint, FLAGS.output)
+    elif FLAGS.mode == "compile":
+      from transformer import aot  # pylint: disable=g-import-not-at-top
+      aot.run(cfg, FLAGS.topology, FLAGS.num_slices, FLAGS.mfu)
   except run.USER_ERRORS as e:
     _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 

@@ -240,6 +240,16 @@ class Trainer:
     with sharding.mesh_context(self.mesh):
       return self._eval_step(params, batch)
 
+  def lower_train_step(self, batch: dict[str, jax.ShapeDtypeStruct]):
+    """The jitted train step lowered for an abstract batch (ahead-of-time compilation)."""
+    with sharding.mesh_context(self.mesh):
+      return self._train_step.lower(self.abstract_state, batch)
+
+  def lower_eval_step(self, batch: dict[str, jax.ShapeDtypeStruct]):
+    """The jitted eval step lowered for an abstract batch (ahead-of-time compilation)."""
+    with sharding.mesh_context(self.mesh):
+      return self._eval_step.lower(self.abstract_state.params, batch)
+
 
 def count_params(tree: Any) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(tree))
