@@ -242,8 +242,8 @@ def _split_names(cfg: Config) -> list[str]:
 
 
 def _is_tfds_prepared(cfg: Config, data_dir: str) -> bool:
-  if cfg.data.dataset in ("ptb_wsj", "ptb_wsj_sample"):
-    from transformer.data import treebank  # pylint: disable=g-import-not-at-top
+  from transformer.data import treebank  # pylint: disable=g-import-not-at-top
+  if cfg.data.dataset in treebank.DATASETS:
     return treebank.make_parsing_builder(cfg.data, data_dir).is_prepared()
   return datasets.make_builder(cfg.data, data_dir).is_prepared()
 

@@ -520,8 +520,8 @@ def get_split(data_cfg: DataConfig, split: str, data_dir: str) -> ParallelSplit:
   """
   if not data_dir:
     raise DataError("A TFDS data dir is required (--tfds_data_dir)")
-  if data_cfg.dataset in ("ptb_wsj", "ptb_wsj_sample", "craft_treebank"):  # section 6.3: parsing
-    from transformer.data import treebank  # pylint: disable=g-import-not-at-top (cycle)
+  from transformer.data import treebank  # pylint: disable=g-import-not-at-top (cycle)
+  if data_cfg.dataset in treebank.DATASETS:  # section 6.3: parsing
     return treebank.get_parsing_split(data_cfg, split, data_dir)
   src, tgt = data_cfg.source_lang, data_cfg.target_lang
   if src == tgt:
