@@ -387,3 +387,29 @@ def test_benchmark_script_at_tiny_size(tmp_path):
       "prepare", "first_start", "restart", "iterate", "iterate_2proc"}
   lines = (tmp_path / "corpus" / "train.en").read_text().splitlines()
   assert len(lines) == 400 and all(lines)
+
+
+def test_directory_split_is_tokenized_anew_each_time(tmp_path, toks, monkeypatch):
+  """A directory of trees is no store key: after a tree is edited (same row count) the next
+  evaluation reads the new words, and nothing is written under the store root."""
+  import types  # pylint: disable=g-import-not-at-top
+  from transformer import run  # pylint: disable=g-import-not-at-top
+  tok = toks[0]
+  trees = tmp_path / "dev_trees"
+  trees.mkdir()
+  cfg = config_lib.Config(data=config_lib.DataConfig(
+      dataset="craft_treebank", task="parsing", tfds_data_dir=str(tmp_path / "tfds")))
+  s = types.SimpleNamespace(cfg=cfg, workdir=str(tmp_path / "work"), tokenizer=tok)
+  monkeypatch.chdir(tmp_path)
+  for words in (("Two", "dogs", "run"), ("A", "man", "sleeps")):
+    (trees / "1.tree").write_text(
+        f"( (S (NP (CD {words[0]}) (NNS {words[1]})) (VP (VBP {words[2]})) (. .)) )\n",
+        encoding="utf-8")
+    examples, tokenized = run._tokenize(s, "./dev_trees", train=False)  # pylint: disable=protected-access
+    sentence = " ".join(words) + " ."
+    assert examples[0]["source"] == sentence
+    assert tokenized.source(0).tolist() == tok.encode(sentence) + [EOS_ID]
+  assert not (tmp_path / "tfds").exists() and not (tmp_path / "work").exists()
+  # '..' in a name part never climbs out of the store root.
+  d = store.store_dir(str(tmp_path / "root"), "../../x/./y", "en", "de", "f" * 64)
+  assert os.path.realpath(d).startswith(os.path.realpath(tmp_path / "root") + os.sep)

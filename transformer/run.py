@@ -224,8 +224,23 @@ def _open_store(cfg: Config, workdir: str, split: str, tok: tokenizer_lib.Tokeni
   return examples, directory, meta, built
 
 
+def _is_directory_split(cfg: Config, split: str) -> bool:
+  """A parsing split read straight from a directory of tree files (never stored: its files
+  may change, and the same relative path names other trees from another cwd)."""
+  from transformer.data import treebank  # pylint: disable=g-import-not-at-top
+  return cfg.data.dataset in treebank.DATASETS and treebank.is_directory_split(split)
+
+
 def _tokenize(s: Setup, split: str, train: bool):
-  """(examples, tokenized split read from its store); training drops too long/empty pairs."""
+  """(examples, tokenized split read from its store); training drops too long/empty pairs.
+  A directory split is read and tokenized in memory on every call."""
+  if _is_directory_split(s.cfg, split):
+    examples = datasets.get_split(s.cfg.data, split, _data_dir(s.cfg, s.workdir))
+    if train:
+      return examples, pipeline.tokenize_split(
+          examples, s.tokenizer, s.cfg.data.max_source_length, s.cfg.data.max_target_length,
+          drop_empty=True)
+    return examples, pipeline.tokenize_split(examples, s.tokenizer)
   examples, directory, _, _ = _open_store(s.cfg, s.workdir, split, s.tokenizer)
   if train:
     return examples, store.StoredSplit(directory, s.cfg.data.max_source_length,
@@ -282,6 +297,8 @@ def prepare(cfg: Config, workdir: str) -> dict[str, Any]:
       "vocab_path": os.path.abspath(vocab_path), "vocab_trained_now": not vocab_done,
       "vocab_size": tok.vocab_size, "vocab_sha256": tok.fingerprint(), "stores": []}
   for split in splits:
+    if _is_directory_split(cfg, split):
+      continue  # read and tokenized when used (see _tokenize)
     _, directory, meta, built = _open_store(cfg, workdir, split, tok)
     store.StoredSplit(directory)  # every process can read it
     report["stores"].append({"split": split, "path": directory, "built_now": built,

@@ -58,8 +58,10 @@ class StoreError(ValueError):
 
 
 def _safe(part: str) -> str:
-  """'train[:3000]' -> 'train_3000': a file-name-safe rendering of a split or name part."""
-  return re.sub(r"[^A-Za-z0-9_.=-]+", "_", part).strip("_") or "_"
+  """'train[:3000]' -> 'train_3000': a file-name-safe rendering of a split or name part
+  ('.' and '..' become '_': a store path never leaves the store root)."""
+  part = re.sub(r"[^A-Za-z0-9_.=-]+", "_", part).strip("_") or "_"
+  return "_" if part in (".", "..") else part
 
 
 def store_dir(root: str, name: str, source_lang: str, target_lang: str,
