@@ -413,3 +413,45 @@ def test_directory_split_is_tokenized_anew_each_time(tmp_path, toks, monkeypatch
   # '..' in a name part never climbs out of the store root.
   d = store.store_dir(str(tmp_path / "root"), "../../x/./y", "en", "de", "f" * 64)
   assert os.path.realpath(d).startswith(os.path.realpath(tmp_path / "root") + os.sep)
+
+
+def test_a_builder_that_loses_the_rename_race_uses_the_winners_store(tmp_path, examples, toks,
+                                                                    monkeypatch):
+  """Another builder renames its complete store into place between this build's last check
+  and its rename: this build keeps the winner's store, deletes its own copy, raises nothing,
+  moves nothing aside."""
+  tok = toks[0]
+  winner, _, _ = store.open_or_build(examples, tok, str(tmp_path / "other"))
+  winner_meta = json.loads(open(os.path.join(winner, "meta.json"), encoding="utf-8").read())
+  directory = store.store_dir(str(tmp_path / "root"), examples.name, "en", "de",
+                              tok.fingerprint())
+  real_rename = os.rename
+  raced = []
+
+  def rename(src, dst):
+    if dst == directory and not raced:  # the other builder gets there first
+      raced.append(src)
+      shutil.copytree(winner, directory)
+    return real_rename(src, dst)
+
+  monkeypatch.setattr(store.os, "rename", rename)
+  d, meta, _ = store.open_or_build(examples, tok, str(tmp_path / "root"))
+  assert raced and d == directory and meta == winner_meta
+  assert os.listdir(os.path.dirname(directory)) == [os.path.basename(directory)]
+  assert store.StoredSplit(directory).source(3).tolist() == _oracle(examples, tok)[0][3]
+
+
+def test_incomplete_stores_are_moved_aside_under_unique_names(tmp_path, examples, toks):
+  tok = toks[0]
+  small = _Examples(examples[:50])
+  directory = store.store_dir(str(tmp_path), small.name, "en", "de", tok.fingerprint())
+  for _ in range(2):  # twice within one second
+    os.makedirs(directory)
+    open(os.path.join(directory, "source_tokens.npy"), "wb").close()  # no COMPLETE
+    assert store.open_or_build(small, tok, str(tmp_path))[2]
+    assert store.is_complete(directory)
+    shutil.rmtree(directory)
+  aside = [d for d in os.listdir(os.path.dirname(directory)) if ".invalid-" in d]
+  assert len(aside) == 2
+  assert all(os.listdir(os.path.join(os.path.dirname(directory), d)) == ["source_tokens.npy"]
+             for d in aside)

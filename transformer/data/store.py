@@ -315,21 +315,46 @@ def build(examples: Sequence[dict[str, Any]], tokenizer, directory: str,
     with open(os.path.join(tmp, COMPLETE), "w", encoding="utf-8") as f:
       f.write("ok\n")
     _fsync(os.path.join(tmp, COMPLETE))
-    if _read_meta(directory) is not None:  # another job finished the same store first
-      logging.info("tokenized store %s was built meanwhile; keeping it", directory)
-      return _read_meta(directory)
-    if os.path.exists(directory):  # an incomplete or damaged store: kept aside, not deleted
-      aside = f"{directory}.invalid-{int(time.time())}"
-      os.rename(directory, aside)
-      logging.warning("tokenized store %s was incomplete; moved to %s", directory, aside)
-    os.rename(tmp, directory)
+    other = _move_into_place(tmp, directory)
     tmp = None
+    if other is not None:
+      return other
   finally:
     if tmp is not None:
       shutil.rmtree(tmp, ignore_errors=True)
   logging.info("tokenized %s: %d rows, %d + %d tokens in %.1f s -> %s", key_["name"], n,
                meta["source_tokens"], meta["target_tokens"], meta["build_seconds"], directory)
   return meta
+
+
+def _move_into_place(tmp: str, directory: str) -> Optional[dict[str, Any]]:
+  """Renames the complete store `tmp` to `directory`; None if it is now there.
+
+  If another builder renamed its (complete) store into place first, `tmp` is deleted and that
+  store's meta returned; an incomplete or damaged `directory` is moved aside (never deleted,
+  never while complete) to a new unique '<directory>.invalid-*' and the rename retried.
+  """
+  for _ in range(8):
+    try:
+      os.rename(tmp, directory)
+      return None
+    except OSError as e:
+      if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+        raise
+    meta = _read_meta(directory)
+    if meta is not None:  # another builder finished the same store first
+      shutil.rmtree(tmp, ignore_errors=True)
+      logging.info("tokenized store %s was built meanwhile; keeping it", directory)
+      return meta
+    aside = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".invalid-",
+                             dir=os.path.dirname(directory))
+    try:
+      os.rename(directory, aside)  # replaces the empty `aside`
+    except FileNotFoundError:  # moved away meanwhile: retry the rename
+      os.rmdir(aside)
+      continue
+    logging.warning("tokenized store %s was incomplete; moved to %s", directory, aside)
+  raise StoreError(f"cannot move the tokenized store into {directory}: it keeps changing")
 
 
 def _fsync(path: str) -> None:
