@@ -455,3 +455,17 @@ def test_incomplete_stores_are_moved_aside_under_unique_names(tmp_path, examples
   assert len(aside) == 2
   assert all(os.listdir(os.path.join(os.path.dirname(directory), d)) == ["source_tokens.npy"]
              for d in aside)
+
+
+def test_only_the_chief_builds(tmp_path, examples, toks):
+  tok = toks[0]
+  small = _Examples(examples[:50])
+  directory = store.store_dir(str(tmp_path), small.name, "en", "de", tok.fingerprint())
+  with pytest.raises(store.StoreError) as e:
+    store.open_or_build(small, tok, str(tmp_path), may_build=False)
+  assert str(e.value) == (f"{directory}: not visible after process 0 built it (every process"
+                          " needs the same --tfds_data_dir, on a shared filesystem)")
+  assert not os.path.exists(directory)
+  store.open_or_build(small, tok, str(tmp_path))
+  assert store.open_or_build(small, tok, str(tmp_path), may_build=False)[:3:2] == (
+      directory, False)

@@ -220,7 +220,7 @@ def _open_store(cfg: Config, workdir: str, split: str, tok: tokenizer_lib.Tokeni
   opener = functools.partial(datasets.get_split, cfg.data, split, data_dir)
   directory, meta, built = _chief_first(lambda: store.open_or_build(
       examples, tok, _store_root(cfg, workdir), workers=workers, opener=opener,
-      fallback_root=os.path.join(workdir, "tokenized")))
+      fallback_root=os.path.join(workdir, "tokenized"), may_build=jax.process_index() == 0))
   return examples, directory, meta, built
 
 

@@ -367,13 +367,15 @@ def _fsync(path: str) -> None:
 
 def open_or_build(examples: Sequence[dict[str, Any]], tokenizer, root: str,
                   workers: int = 1, opener: Optional[Callable[[], Sequence]] = None,
-                  fallback_root: Optional[str] = None) -> tuple[str, dict[str, Any], bool]:
+                  fallback_root: Optional[str] = None,
+                  may_build: bool = True) -> tuple[str, dict[str, Any], bool]:
   """(store directory, meta, whether it was built now) of `examples` under `root`.
 
   `examples` needs `name`, `source_lang` and `target_lang` (`datasets.ParallelSplit`). A
   complete store under `root`, else under `fallback_root`, is opened; a missing one is built
   under `root`, or under `fallback_root` when `root` is read-only (e.g. shared data mounted
-  read-only on the training nodes).
+  read-only on the training nodes). With `may_build=False` (a process other than the one
+  that builds) a missing store is a `StoreError`.
   """
   name = getattr(examples, "name", "")
   src = getattr(examples, "source_lang", "source")
@@ -390,6 +392,10 @@ def open_or_build(examples: Sequence[dict[str, Any]], tokenizer, root: str,
         raise StoreError(f"tokenized store {directory} was built for {got}, not {want};"
                          " move it away to rebuild")
       return directory, meta, False
+  if not may_build:
+    raise StoreError(f"{store_dir(root, name, src, tgt, fp)}: not visible after process 0 built"
+                     " it (every process needs the same --tfds_data_dir, on a shared"
+                     " filesystem)")
   for i, r in enumerate(roots):
     directory = store_dir(r, name, src, tgt, fp)
     try:
