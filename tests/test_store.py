@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import signal
 import shutil
 import socket
 import subprocess
@@ -469,3 +471,42 @@ def test_only_the_chief_builds(tmp_path, examples, toks):
   store.open_or_build(small, tok, str(tmp_path))
   assert store.open_or_build(small, tok, str(tmp_path), may_build=False)[:3:2] == (
       directory, False)
+
+
+def _file_size_limit(limit):
+  def preexec():
+    import resource  # pylint: disable=g-import-not-at-top
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+  return preexec
+
+
+def test_file_size_limit_gives_one_error_line(tmp_path, multi30k_dir):
+  """A write failing (EFBIG under RLIMIT_FSIZE, like a full disk) while preparing the local
+  Multi30k files or while building a store: one `error:` line naming the cause, no traceback,
+  nothing left that looks finished."""
+  workdir = tmp_path / "run"
+  def run(limit, *extra):
+    return subprocess.run(_prepare_cmd(workdir, multi30k_dir, *extra), cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=_file_size_limit(limit) if limit else None)
+
+  r = run(300_000)  # the train array_record (~3 MB) does not fit
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr
+  assert re.search(r"^error: multi30k/\S+ is not prepared in .* and preparing it failed: .*"
+                   r"File too large.*\(a file exceeds the file-size limit\)$", errors[0]), errors
+  assert not list((workdir / "tfds").glob("multi30k/*/1.0.0/dataset_info.json"))
+
+  assert run(None, "--train_split=train[:100]").returncode == 0  # data and vocabulary
+  r = run(200_000, "--train_split=train")  # the full train store (~1 MB a side) does not fit
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr
+  assert re.search(r"^error: building \S+/train\S*\.en-de\.[0-9a-f]{16} failed: "
+                   r"OSError: \[Errno %d\] File too large \(a file exceeds the file-size "
+                   r"limit\)$" % errno.EFBIG, errors[0]), errors
+  parent = next((workdir / "tfds" / "tokenized").glob("multi30k/*/1.0.0"))
+  assert sorted(d.split(".")[0].split("-")[0] for d in os.listdir(parent)) == [
+      "test_24", "train_100", "validation_40"]  # no half-made train store

@@ -40,6 +40,7 @@ from absl import logging
 import numpy as np
 
 from transformer.config import EOS_ID
+from transformer.data.errors import describe_failure
 
 FORMAT_VERSION = 1
 COMPLETE = "COMPLETE"
@@ -375,7 +376,8 @@ def open_or_build(examples: Sequence[dict[str, Any]], tokenizer, root: str,
   complete store under `root`, else under `fallback_root`, is opened; a missing one is built
   under `root`, or under `fallback_root` when `root` is read-only (e.g. shared data mounted
   read-only on the training nodes). With `may_build=False` (a process other than the one
-  that builds) a missing store is a `StoreError`.
+  that builds) a missing store is a `StoreError`. A disk failure while building (full disk,
+  file-size limit, I/O error) is a one-line `StoreError`.
   """
   name = getattr(examples, "name", "")
   src = getattr(examples, "source_lang", "source")
@@ -402,7 +404,7 @@ def open_or_build(examples: Sequence[dict[str, Any]], tokenizer, root: str,
       return directory, build(examples, tokenizer, directory, want, workers, opener), True
     except OSError as e:
       if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-        raise
+        raise StoreError(f"building {directory} failed: {describe_failure(e)}") from e
       if i + 1 == len(roots):
         raise StoreError(f"cannot write the tokenized store {directory}: {e}") from e
       logging.warning("cannot write under %s (%s); building the store under %s", r, e,
