@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -75,8 +76,9 @@ def test_store_equals_an_independent_encode(tmp_path, examples, toks):
   tok = toks[0]
   directory, meta, built = store.open_or_build(examples, tok, str(tmp_path))
   assert built and meta["rows"] == len(examples) and meta["dtype"] == "uint16"
+  digest = hashlib.sha256(examples.name.encode()).hexdigest()[:8]
   assert directory == os.path.join(str(tmp_path), "toy", "1.0.0",
-                                   f"train_600.en-de.{tok.fingerprint()[:16]}")
+                                   f"train_600-{digest}.en-de.{tok.fingerprint()[:16]}")
   src, tgt = _oracle(examples, tok)
   full = store.StoredSplit(directory)
   assert len(full) == len(examples) and full.counts["kept"] == len(examples)
@@ -510,3 +512,19 @@ def test_file_size_limit_gives_one_error_line(tmp_path, multi30k_dir):
   parent = next((workdir / "tfds" / "tokenized").glob("multi30k/*/1.0.0"))
   assert sorted(d.split(".")[0].split("-")[0] for d in os.listdir(parent)) == [
       "test_24", "train_100", "validation_40"]  # no half-made train store
+
+
+def test_splits_that_render_alike_get_their_own_stores(tmp_path, examples, toks):
+  """'train[:300]' and 'train[300:]' both render as 'train_300': the name's hash tells them
+  apart, so each gets (and keeps) its own rows."""
+  tok = toks[0]
+  head, tail = _Examples(examples[:300]), _Examples(examples[300:])
+  head.name, tail.name = "toy/1.0.0/train[:300]", "toy/1.0.0/train[300:]"
+  d_head, _, _ = store.open_or_build(head, tok, str(tmp_path))
+  d_tail, _, built = store.open_or_build(tail, tok, str(tmp_path))
+  assert built and d_head != d_tail
+  for split, d in ((head, d_head), (tail, d_tail)):
+    src, tgt = _oracle(split, tok)
+    got = store.StoredSplit(d)
+    assert [got.source(i).tolist() for i in (0, 299)] == [src[0], src[299]]
+    assert got.target(150).tolist() == tgt[150]

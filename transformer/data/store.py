@@ -3,7 +3,7 @@
 A store holds every example of one split, encoded with one SentencePiece model, in one
 direction (source -> target), EOS appended, in split order:
 
-  <root>/<dataset>/<config>/<version>/<split>.<src>-<tgt>.<vocab sha256[:16]>/
+  <root>/<dataset>/<config>/<version>/<split>-<name sha256[:8]>.<src>-<tgt>.<vocab sha256[:16]>/
     source_tokens.npy   [total source tokens] uint16 (int32 if the vocabulary has > 65536 ids)
     source_offsets.npy  [rows + 1] int64: row i is source_tokens[offsets[i]:offsets[i + 1]]
     target_tokens.npy, target_offsets.npy   the same for the target
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import hashlib
 import json
 import multiprocessing
 import os
@@ -67,11 +68,17 @@ def _safe(part: str) -> str:
 
 def store_dir(root: str, name: str, source_lang: str, target_lang: str,
               vocab_sha256: str) -> str:
-  """Directory of the store of split `name` ('<dataset full name>/<split>')."""
+  """Directory of the store of split `name` ('<dataset full name>/<split>').
+
+  The leaf ends with a sha256 of the exact `name`: splits that `_safe` renders alike
+  ('train[:3000]', 'train[3000:]') get different directories.
+  """
   parts = [_safe(p) for p in name.split("/") if p]
   if not parts:
     raise StoreError("a store needs the split's name")
-  leaf = f"{parts[-1]}.{_safe(source_lang)}-{_safe(target_lang)}.{vocab_sha256[:16]}"
+  digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+  leaf = (f"{parts[-1]}-{digest}.{_safe(source_lang)}-{_safe(target_lang)}"
+          f".{vocab_sha256[:16]}")
   return os.path.join(root, *parts[:-1], leaf)
 
 
