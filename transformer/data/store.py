@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional, Sequence
 from absl import logging
 import numpy as np
 
-from transformer.config import EOS_ID
+from transformer.data import pipeline
 from transformer.data.errors import describe_failure
 
 FORMAT_VERSION = 1
@@ -135,25 +135,8 @@ class StoredSplit:
     tgt_off = np.asarray(load("target_offsets.npy"))
     src_len = np.diff(src_off).astype(np.int32)
     tgt_len = np.diff(tgt_off).astype(np.int32)
-    n = len(src_len)
-    # The same filter, counts and log line as pipeline.tokenize_split.
-    too_long = np.zeros(n, dtype=bool)
-    if max_source_length is not None:
-      too_long |= src_len > max_source_length
-    if max_target_length is not None:
-      too_long |= tgt_len > max_target_length
-    empty = ((src_len <= 1) | (tgt_len <= 1)) if drop_empty else np.zeros(n, bool)
-    keep = ~(too_long | empty)
-    self.counts = {"input": n, "kept": int(keep.sum()),
-                   "too_long": int((too_long & ~empty).sum()), "empty": int(empty.sum())}
-    name = meta["name"]
-    if self.counts["kept"] < n:
-      logging.info("%s: dropped %d of %d pairs (%d longer than %s/%s tokens, %d empty).",
-                   name, n - self.counts["kept"], n, self.counts["too_long"],
-                   max_source_length, max_target_length, self.counts["empty"])
-    if self.counts["kept"] == 0:
-      raise ValueError(f"{name}: all {n} pairs were filtered out (max_source_length="
-                       f"{max_source_length}, max_target_length={max_target_length})")
+    keep, self.counts = pipeline.length_filter(src_len, tgt_len, max_source_length,
+                                               max_target_length, drop_empty, meta["name"])
     self.index = np.flatnonzero(keep).astype(np.int64)   # [kept] store row of each row
     self.ids = np.asarray(load("ids.npy"))[keep]          # [kept] example 'id'
     self.source_lengths = src_len[keep]                   # [kept] int32, EOS included
@@ -186,19 +169,6 @@ def _token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
 
 
-def _flat_with_eos(id_lists: Sequence[Sequence[int]], dtype: np.dtype
-                   ) -> tuple[np.ndarray, np.ndarray]:
-  """[total] ids with EOS after each row, [rows] lengths (EOS included)."""
-  lengths = np.fromiter((len(x) + 1 for x in id_lists), np.int64, count=len(id_lists))
-  flat = np.empty(int(lengths.sum()), dtype=dtype)
-  ends = np.cumsum(lengths) - 1
-  flat[ends] = EOS_ID
-  body = np.ones(len(flat), dtype=bool)
-  body[ends] = False
-  flat[body] = np.fromiter((t for x in id_lists for t in x), dtype, count=len(flat) - len(ends))
-  return flat, lengths
-
-
 def _encode_rows(examples, tokenizer, start: int, stop: int, dtype: np.dtype,
                  out: dict[str, Any], num_threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Encodes examples[start:stop], appending token bytes to the open files in `out`.
@@ -211,10 +181,10 @@ def _encode_rows(examples, tokenizer, start: int, stop: int, dtype: np.dtype,
     chunk = (examples.__getitems__(range(a, b)) if hasattr(examples, "__getitems__")
              else [examples[i] for i in range(a, b)])
     for side, lens in (("source", src_lens), ("target", tgt_lens)):
-      flat, n = _flat_with_eos(tokenizer.encode_batch([ex[side] for ex in chunk],
-                                                      num_threads=num_threads), dtype)
+      flat, n = pipeline.ragged_with_eos(
+          tokenizer.encode_batch([ex[side] for ex in chunk], num_threads=num_threads), dtype)
       out[side].write(flat.tobytes())
-      lens.append(n)
+      lens.append(n.astype(np.int64))
     ids.append(np.fromiter((ex.get("id", -1) for ex in chunk), np.int64, count=len(chunk)))
   cat = lambda x: np.concatenate(x) if x else np.zeros(0, np.int64)
   return cat(src_lens), cat(tgt_lens), cat(ids)
@@ -248,12 +218,6 @@ def _write_npy_from_raw(raw_paths: Sequence[str], dtype: np.dtype, path: str) ->
         shutil.copyfileobj(part, f, 1 << 24)
       os.remove(p)
   return count
-
-
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-  out = np.zeros(len(lengths) + 1, dtype=np.int64)
-  np.cumsum(lengths, out=out[1:])
-  return out
 
 
 def build(examples: Sequence[dict[str, Any]], tokenizer, directory: str,
@@ -310,7 +274,7 @@ def build(examples: Sequence[dict[str, Any]], tokenizer, directory: str,
                                          os.path.join(tmp, f"{side}_tokens.npy"))
       if totals[side] != int(lens.sum()):
         raise StoreError(f"{key_['name']}: {side} token count mismatch")
-      np.save(os.path.join(tmp, f"{side}_offsets.npy"), _offsets(lens))
+      np.save(os.path.join(tmp, f"{side}_offsets.npy"), pipeline.row_offsets(lens))
     np.save(os.path.join(tmp, "ids.npy"), ids)
     meta = dict(key_, dtype=dtype.name, vocab_size=int(tokenizer.vocab_size),
                 source_tokens=totals["source"], target_tokens=totals["target"],
