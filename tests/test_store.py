@@ -302,6 +302,11 @@ def test_prepare_twice_then_errors(tmp_path, multi30k_dir):
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert re.search(r"vocabulary: .*spm\.model \(trained now\): \d+ pieces", r.stdout), r.stdout
+  # The dataset's size: its own prepared files, not downloads/, extracted files or stores.
+  [version_dir] = (workdir / "tfds").glob("multi30k/*/1.0.0")
+  size = sum(p.stat().st_size for p in version_dir.rglob("*") if p.is_file())
+  assert re.search(rf"^tfds: .*: train\[:1500\] 1500, .* examples, {size} bytes$", r.stdout,
+                   re.M), (size, r.stdout)
   stores = re.findall(r"tokenized (\S+): (\S+) \(now\): (\d+) rows", r.stdout)
   assert [(s, int(n)) for s, _, n in stores] == [("train[:1500]", 1500),
                                                 ("validation[:40]", 40), ("test[:24]", 24)]

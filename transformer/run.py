@@ -256,11 +256,11 @@ def _split_names(cfg: Config) -> list[str]:
   return list(dict.fromkeys((cfg.data.train_split, cfg.data.eval_split, cfg.data.test_split)))
 
 
-def _is_tfds_prepared(cfg: Config, data_dir: str) -> bool:
+def _tfds_builder(cfg: Config, data_dir: str):
   from transformer.data import treebank  # pylint: disable=g-import-not-at-top
   if cfg.data.dataset in treebank.DATASETS:
-    return treebank.make_parsing_builder(cfg.data, data_dir).is_prepared()
-  return datasets.make_builder(cfg.data, data_dir).is_prepared()
+    return treebank.make_parsing_builder(cfg.data, data_dir)
+  return datasets.make_builder(cfg.data, data_dir)
 
 
 def _dir_bytes(path: str) -> int:
@@ -279,7 +279,8 @@ def prepare(cfg: Config, workdir: str) -> dict[str, Any]:
   t0 = time.time()
   data_dir, vocab_path = _data_dir(cfg, workdir), _vocab_path(cfg, workdir)
   splits = _split_names(cfg)
-  tfds_done = _is_tfds_prepared(cfg, data_dir)
+  builder = _tfds_builder(cfg, data_dir)
+  tfds_done = builder.is_prepared()
   examples = {}
   for split in splits:
     examples[split] = _chief_first(lambda split=split: datasets.get_split(cfg.data, split,
@@ -312,7 +313,7 @@ def prepare(cfg: Config, workdir: str) -> dict[str, Any]:
     now = lambda b: "now" if b else "already there"
     rows = ", ".join(f"{split} {len(examples[split])}" for split in splits)
     print(f"tfds: {report['tfds_data_dir']} ({now(not tfds_done)}): {rows} examples,"
-          f" {_dir_bytes(data_dir) - _dir_bytes(_store_root(cfg, workdir))} bytes")
+          f" {_dir_bytes(builder.data_dir)} bytes")  # this dataset's prepared files only
     print(f"vocabulary: {report['vocab_path']} ({'trained now' if not vocab_done else 'already there'}):"
           f" {tok.vocab_size} pieces, sha256 {tok.fingerprint()[:16]}")
     for x in report["stores"]:
