@@ -298,8 +298,8 @@ def _env(**extra):
 
 def test_prepare_twice_then_errors(tmp_path, multi30k_dir):
   workdir = tmp_path / "run"
-  r = subprocess.run(_prepare_cmd(workdir, multi30k_dir), cwd=REPO, env=_env(),
-                     capture_output=True, text=True, timeout=300)
+  r = subprocess.run(_prepare_cmd(workdir, multi30k_dir, "--tokenize_workers=2"), cwd=REPO,
+                     env=_env(), capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert re.search(r"vocabulary: .*spm\.model \(trained now\): \d+ pieces", r.stdout), r.stdout
   # The dataset's size: its own prepared files, not downloads/, extracted files or stores.
@@ -318,6 +318,8 @@ def test_prepare_twice_then_errors(tmp_path, multi30k_dir):
   for i in (0, 1, 777, 1499):
     assert train.source(i).tolist() == tok.encode(en[i]) + [EOS_ID]
     assert train.target(i).tolist() == tok.encode(de[i]) + [EOS_ID]
+  # 1500 rows: 2 worker processes of 750 rows each; 40 and 24 rows: encoded in the main one.
+  assert [store.StoredSplit(p).meta["workers"] for _, p, _ in stores] == [2, 1, 1]
   mtimes = {p: os.path.getmtime(os.path.join(p, "meta.json")) for _, p, _ in stores}
 
   r = subprocess.run(_prepare_cmd(workdir, multi30k_dir), cwd=REPO, env=_env(),

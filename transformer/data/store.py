@@ -48,7 +48,8 @@ COMPLETE = "COMPLETE"
 _FILES = ("source_tokens.npy", "source_offsets.npy", "target_tokens.npy",
           "target_offsets.npy", "ids.npy")
 _CHUNK_ROWS = 8192      # examples read and encoded at a time
-_TASK_ROWS = 131072     # rows per worker task when building with several processes
+_TASK_ROWS = 131072     # most rows per worker task when building with several processes
+_MIN_TASK_ROWS = 512    # fewest: a smaller split is encoded here (a worker takes ~1 s to start)
 
 
 class StoreError(ValueError):
@@ -230,8 +231,9 @@ def build(examples: Sequence[dict[str, Any]], tokenizer, directory: str,
     tokenizer: `transformer.data.tokenizer.Tokenizer`.
     directory: the store's final path; it is written as '<directory>.tmp-*' and renamed.
     key_: `key(...)` of this store, saved in meta.json.
-    workers: processes encoding row ranges in parallel (each reads its own rows); 1 encodes
-      here with SentencePiece's threads.
+    workers: processes encoding row ranges in parallel (each reads its own rows; ranges of
+      ceil(rows / workers) rows, within [_MIN_TASK_ROWS, _TASK_ROWS]); 1 encodes here with
+      SentencePiece's threads.
     opener: picklable () -> examples for the worker processes (needed when workers > 1).
 
   Returns:
@@ -246,15 +248,21 @@ def build(examples: Sequence[dict[str, Any]], tokenizer, directory: str,
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
   try:
-    ranges = [(a, min(a + _TASK_ROWS, n)) for a in range(0, n, _TASK_ROWS)]
+    task_rows = min(_TASK_ROWS, max(_MIN_TASK_ROWS, -(-n // max(1, workers))))
+    ranges = [(a, min(a + task_rows, n)) for a in range(0, n, task_rows)]
+    processes = 1
     if workers > 1 and len(ranges) > 1 and opener is not None:
+      processes = min(workers, len(ranges))
       ctx = multiprocessing.get_context("spawn")  # no fork of a process running JAX threads
       with concurrent.futures.ProcessPoolExecutor(
-          max_workers=min(workers, len(ranges)), mp_context=ctx,
+          max_workers=processes, mp_context=ctx,
           initializer=_worker_init, initargs=(opener, tokenizer)) as pool:
         futures = [pool.submit(_worker_task, a, b, dtype.str, os.path.join(tmp, f"part{i:06d}"))
                    for i, (a, b) in enumerate(ranges)]
-        parts = [f.result() for f in futures]
+        try:
+          parts = [f.result() for f in futures]
+        except OSError as e:  # e.g. a full disk: the error, without the worker's traceback
+          raise e from None
       raw = {side: [os.path.join(tmp, f"part{i:06d}.{side}") for i in range(len(ranges))]
              for side in ("source", "target")}
     else:
@@ -278,7 +286,7 @@ def build(examples: Sequence[dict[str, Any]], tokenizer, directory: str,
     np.save(os.path.join(tmp, "ids.npy"), ids)
     meta = dict(key_, dtype=dtype.name, vocab_size=int(tokenizer.vocab_size),
                 source_tokens=totals["source"], target_tokens=totals["target"],
-                build_seconds=round(time.time() - t0, 3), workers=int(workers),
+                build_seconds=round(time.time() - t0, 3), workers=processes,
                 file_bytes={f: os.path.getsize(os.path.join(tmp, f)) for f in _FILES})
     with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
       json.dump(meta, f, indent=2)
