@@ -535,3 +535,24 @@ def test_splits_that_render_alike_get_their_own_stores(tmp_path, examples, toks)
     got = store.StoredSplit(d)
     assert [got.source(i).tolist() for i in (0, 299)] == [src[0], src[299]]
     assert got.target(150).tolist() == tgt[150]
+
+
+class _BigVocab:
+  """A tokenizer of 70,000 ids: character c is id 66,000 + ord(c) % 4000 (all above 65,535)."""
+  vocab_size = 70_000
+
+  def encode_batch(self, texts, num_threads=-1):  # pylint: disable=unused-argument
+    return [[66_000 + ord(c) % 4000 for c in t] for t in texts]
+
+  def fingerprint(self):
+    return "b" * 64
+
+
+def test_vocabulary_over_65536_ids_is_stored_as_int32(tmp_path, examples):
+  small = _Examples(examples[:40])
+  directory, meta, _ = store.open_or_build(small, _BigVocab(), str(tmp_path))
+  assert meta["dtype"] == "int32"
+  got = store.StoredSplit(directory)
+  for i, ex in enumerate(small):
+    assert got.source(i).tolist() == [66_000 + ord(c) % 4000 for c in ex["source"]] + [EOS_ID]
+    assert got.target(i).tolist() == [66_000 + ord(c) % 4000 for c in ex["target"]] + [EOS_ID]
