@@ -273,13 +273,14 @@ def _run(name: str, logs: str) -> dict:
 
 
 def _cpu_model() -> str:
+  """/proc/cpuinfo's model name; platform.processor() where there is no /proc (e.g. macOS)."""
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       for line in f:
         if line.startswith("model name"):
           return line.split(":", 1)[1].strip()
   except OSError:
-    pass
+    return platform.processor()
   return platform.processor()
 
 

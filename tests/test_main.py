@@ -178,3 +178,39 @@ def test_prepare_the_paper_config_offline_then_nothing_to_do(tmp_path):
   assert second.returncode == 0, second.stderr[-3000:]
   assert "prepare: nothing to do, everything was already prepared" in second.stdout
   assert "(now)" not in second.stdout and "Downloading" not in second.stdout + second.stderr
+
+
+def test_prepare_parsing_datasets(tmp_path):
+  """--mode=prepare on the parsing datasets: CRAFT (a tree directory made here) and the WSJ
+  sample each get their TFDS splits, vocabulary and one tokenized store per split."""
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  data = Path(os.environ.get("TRANSFORMER_DATA_DIR", Path(REPO).parent / "shared" / "data"))
+  wsj = data / "ptb_wsj_sample_nltk" / "combined"
+  assert (wsj / "wsj_0001.mrg").exists(), f"{wsj} not found: set TRANSFORMER_DATA_DIR"
+  craft = tmp_path / "craft"
+  (craft / "train").mkdir(parents=True)
+  (craft / "dev").mkdir()
+  (craft / "train" / "a.tree").write_text(
+      "( (S (NP-SBJ (NNS Mice)) (VP (VBD were) (VP (VBN analyzed))) (. .)) )\n"
+      "( (HEADING (NP (NNS Results))) )\n"
+      "( (S (NP-SBJ (NNS Cells)) (VP (VBD grew)) (. .)) )\n", encoding="utf-8")
+  (craft / "dev" / "b.tree").write_text("( (S (NP-SBJ (NNS Rats)) (VP (VBD ran)) (. .)) )\n",
+                                        encoding="utf-8")
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)
+  cases = [("craft_treebank", craft, "train", "validation", {"train": 3, "validation": 1}),
+           ("ptb_wsj_sample", wsj, "train[:50]", "validation[:5]",
+            {"train[:50]": 50, "validation[:5]": 5})]
+  for dataset, raw, train, dev, rows in cases:
+    cmd = [sys.executable, "-m", "transformer.main", "--mode=prepare", "--task=parsing",
+           f"--dataset={dataset}", f"--raw_data_dir={raw}", "--source_lang=en",
+           "--target_lang=parse", f"--train_split={train}", f"--eval_split={dev}",
+           f"--test_split={dev}", "--vocab_size=40", "--spm_model_type=word",
+           f"--workdir={tmp_path / dataset}"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"^tfds: .* \(now\): ", r.stdout, re.M), r.stdout
+    for split, n in rows.items():
+      m = re.search(rf"^tokenized {re.escape(split)}: (\S+) \(now\): {n} rows", r.stdout, re.M)
+      assert m, r.stdout
+      assert os.path.isfile(os.path.join(m[1], "COMPLETE"))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
+import signal
 import shutil
 import socket
 import subprocess
@@ -73,8 +76,9 @@ def test_store_equals_an_independent_encode(tmp_path, examples, toks):
   tok = toks[0]
   directory, meta, built = store.open_or_build(examples, tok, str(tmp_path))
   assert built and meta["rows"] == len(examples) and meta["dtype"] == "uint16"
+  digest = hashlib.sha256(examples.name.encode()).hexdigest()[:8]
   assert directory == os.path.join(str(tmp_path), "toy", "1.0.0",
-                                   f"train_600.en-de.{tok.fingerprint()[:16]}")
+                                   f"train_600-{digest}.en-de.{tok.fingerprint()[:16]}")
   src, tgt = _oracle(examples, tok)
   full = store.StoredSplit(directory)
   assert len(full) == len(examples) and full.counts["kept"] == len(examples)
@@ -294,10 +298,15 @@ def _env(**extra):
 
 def test_prepare_twice_then_errors(tmp_path, multi30k_dir):
   workdir = tmp_path / "run"
-  r = subprocess.run(_prepare_cmd(workdir, multi30k_dir), cwd=REPO, env=_env(),
-                     capture_output=True, text=True, timeout=300)
+  r = subprocess.run(_prepare_cmd(workdir, multi30k_dir, "--tokenize_workers=2"), cwd=REPO,
+                     env=_env(), capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert re.search(r"vocabulary: .*spm\.model \(trained now\): \d+ pieces", r.stdout), r.stdout
+  # The dataset's size: its own prepared files, not downloads/, extracted files or stores.
+  [version_dir] = (workdir / "tfds").glob("multi30k/*/1.0.0")
+  size = sum(p.stat().st_size for p in version_dir.rglob("*") if p.is_file())
+  assert re.search(rf"^tfds: .*: train\[:1500\] 1500, .* examples, {size} bytes$", r.stdout,
+                   re.M), (size, r.stdout)
   stores = re.findall(r"tokenized (\S+): (\S+) \(now\): (\d+) rows", r.stdout)
   assert [(s, int(n)) for s, _, n in stores] == [("train[:1500]", 1500),
                                                 ("validation[:40]", 40), ("test[:24]", 24)]
@@ -309,6 +318,8 @@ def test_prepare_twice_then_errors(tmp_path, multi30k_dir):
   for i in (0, 1, 777, 1499):
     assert train.source(i).tolist() == tok.encode(en[i]) + [EOS_ID]
     assert train.target(i).tolist() == tok.encode(de[i]) + [EOS_ID]
+  # 1500 rows: 2 worker processes of 750 rows each; 40 and 24 rows: encoded in the main one.
+  assert [store.StoredSplit(p).meta["workers"] for _, p, _ in stores] == [2, 1, 1]
   mtimes = {p: os.path.getmtime(os.path.join(p, "meta.json")) for _, p, _ in stores}
 
   r = subprocess.run(_prepare_cmd(workdir, multi30k_dir), cwd=REPO, env=_env(),
@@ -405,3 +416,161 @@ def test_a_stored_split_is_cut_to_max_len_like_an_in_memory_one(tmp_path, exampl
     assert cut.target(i).tolist() == want
   assert cut.ids.tolist() == [ex["id"] for ex in examples]
   assert cut.index.tolist() == list(range(len(examples)))
+
+
+def test_directory_split_is_tokenized_anew_each_time(tmp_path, toks, monkeypatch):
+  """A directory of trees is no store key: after a tree is edited (same row count) the next
+  evaluation reads the new words, and nothing is written under the store root."""
+  import types  # pylint: disable=g-import-not-at-top
+  from transformer import run  # pylint: disable=g-import-not-at-top
+  tok = toks[0]
+  trees = tmp_path / "dev_trees"
+  trees.mkdir()
+  cfg = config_lib.Config(data=config_lib.DataConfig(
+      dataset="craft_treebank", task="parsing", tfds_data_dir=str(tmp_path / "tfds")))
+  s = types.SimpleNamespace(cfg=cfg, workdir=str(tmp_path / "work"), tokenizer=tok)
+  monkeypatch.chdir(tmp_path)
+  for words in (("Two", "dogs", "run"), ("A", "man", "sleeps")):
+    (trees / "1.tree").write_text(
+        f"( (S (NP (CD {words[0]}) (NNS {words[1]})) (VP (VBP {words[2]})) (. .)) )\n",
+        encoding="utf-8")
+    examples, tokenized = run._tokenize(s, "./dev_trees", train=False)  # pylint: disable=protected-access
+    sentence = " ".join(words) + " ."
+    assert examples[0]["source"] == sentence
+    assert tokenized.source(0).tolist() == tok.encode(sentence) + [EOS_ID]
+  assert not (tmp_path / "tfds").exists() and not (tmp_path / "work").exists()
+  # '..' in a name part never climbs out of the store root.
+  d = store.store_dir(str(tmp_path / "root"), "../../x/./y", "en", "de", "f" * 64)
+  assert os.path.realpath(d).startswith(os.path.realpath(tmp_path / "root") + os.sep)
+
+
+def test_a_builder_that_loses_the_rename_race_uses_the_winners_store(tmp_path, examples, toks,
+                                                                    monkeypatch):
+  """Another builder renames its complete store into place between this build's last check
+  and its rename: this build keeps the winner's store, deletes its own copy, raises nothing,
+  moves nothing aside."""
+  tok = toks[0]
+  winner, _, _ = store.open_or_build(examples, tok, str(tmp_path / "other"))
+  winner_meta = json.loads(open(os.path.join(winner, "meta.json"), encoding="utf-8").read())
+  directory = store.store_dir(str(tmp_path / "root"), examples.name, "en", "de",
+                              tok.fingerprint())
+  real_rename = os.rename
+  raced = []
+
+  def rename(src, dst):
+    if dst == directory and not raced:  # the other builder gets there first
+      raced.append(src)
+      shutil.copytree(winner, directory)
+    return real_rename(src, dst)
+
+  monkeypatch.setattr(store.os, "rename", rename)
+  d, meta, _ = store.open_or_build(examples, tok, str(tmp_path / "root"))
+  assert raced and d == directory and meta == winner_meta
+  assert os.listdir(os.path.dirname(directory)) == [os.path.basename(directory)]
+  assert store.StoredSplit(directory).source(3).tolist() == _oracle(examples, tok)[0][3]
+
+
+def test_incomplete_stores_are_moved_aside_under_unique_names(tmp_path, examples, toks):
+  tok = toks[0]
+  small = _Examples(examples[:50])
+  directory = store.store_dir(str(tmp_path), small.name, "en", "de", tok.fingerprint())
+  for _ in range(2):  # twice within one second
+    os.makedirs(directory)
+    open(os.path.join(directory, "source_tokens.npy"), "wb").close()  # no COMPLETE
+    assert store.open_or_build(small, tok, str(tmp_path))[2]
+    assert store.is_complete(directory)
+    shutil.rmtree(directory)
+  aside = [d for d in os.listdir(os.path.dirname(directory)) if ".invalid-" in d]
+  assert len(aside) == 2
+  assert all(os.listdir(os.path.join(os.path.dirname(directory), d)) == ["source_tokens.npy"]
+             for d in aside)
+
+
+def test_only_the_chief_builds(tmp_path, examples, toks):
+  tok = toks[0]
+  small = _Examples(examples[:50])
+  directory = store.store_dir(str(tmp_path), small.name, "en", "de", tok.fingerprint())
+  with pytest.raises(store.StoreError) as e:
+    store.open_or_build(small, tok, str(tmp_path), may_build=False)
+  assert str(e.value) == (f"{directory}: not visible after process 0 built it (every process"
+                          " needs the same --tfds_data_dir, on a shared filesystem)")
+  assert not os.path.exists(directory)
+  store.open_or_build(small, tok, str(tmp_path))
+  assert store.open_or_build(small, tok, str(tmp_path), may_build=False)[:3:2] == (
+      directory, False)
+
+
+def _file_size_limit(limit):
+  def preexec():
+    import resource  # pylint: disable=g-import-not-at-top
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+  return preexec
+
+
+def test_file_size_limit_gives_one_error_line(tmp_path, multi30k_dir):
+  """A write failing (EFBIG under RLIMIT_FSIZE, like a full disk) while preparing the local
+  Multi30k files or while building a store: one `error:` line naming the cause, no traceback,
+  nothing left that looks finished."""
+  workdir = tmp_path / "run"
+  def run(limit, *extra):
+    return subprocess.run(_prepare_cmd(workdir, multi30k_dir, *extra), cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=_file_size_limit(limit) if limit else None)
+
+  r = run(300_000)  # the train array_record (~3 MB) does not fit
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr
+  assert re.search(r"^error: multi30k/\S+ is not prepared in .* and preparing it failed: .*"
+                   r"File too large.*\(a file exceeds the file-size limit\)$", errors[0]), errors
+  assert not list((workdir / "tfds").glob("multi30k/*/1.0.0/dataset_info.json"))
+
+  assert run(None, "--train_split=train[:100]").returncode == 0  # data and vocabulary
+  r = run(200_000, "--train_split=train")  # the full train store (~1 MB a side) does not fit
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr
+  assert re.search(r"^error: building \S+/train\S*\.en-de\.[0-9a-f]{16} failed: "
+                   r"OSError: \[Errno %d\] File too large \(a file exceeds the file-size "
+                   r"limit\)$" % errno.EFBIG, errors[0]), errors
+  parent = next((workdir / "tfds" / "tokenized").glob("multi30k/*/1.0.0"))
+  assert sorted(d.split(".")[0].split("-")[0] for d in os.listdir(parent)) == [
+      "test_24", "train_100", "validation_40"]  # no half-made train store
+
+
+def test_splits_that_render_alike_get_their_own_stores(tmp_path, examples, toks):
+  """'train[:300]' and 'train[300:]' both render as 'train_300': the name's hash tells them
+  apart, so each gets (and keeps) its own rows."""
+  tok = toks[0]
+  head, tail = _Examples(examples[:300]), _Examples(examples[300:])
+  head.name, tail.name = "toy/1.0.0/train[:300]", "toy/1.0.0/train[300:]"
+  d_head, _, _ = store.open_or_build(head, tok, str(tmp_path))
+  d_tail, _, built = store.open_or_build(tail, tok, str(tmp_path))
+  assert built and d_head != d_tail
+  for split, d in ((head, d_head), (tail, d_tail)):
+    src, tgt = _oracle(split, tok)
+    got = store.StoredSplit(d)
+    assert [got.source(i).tolist() for i in (0, 299)] == [src[0], src[299]]
+    assert got.target(150).tolist() == tgt[150]
+
+
+class _BigVocab:
+  """A tokenizer of 70,000 ids: character c is id 66,000 + ord(c) % 4000 (all above 65,535)."""
+  vocab_size = 70_000
+
+  def encode_batch(self, texts, num_threads=-1):  # pylint: disable=unused-argument
+    return [[66_000 + ord(c) % 4000 for c in t] for t in texts]
+
+  def fingerprint(self):
+    return "b" * 64
+
+
+def test_vocabulary_over_65536_ids_is_stored_as_int32(tmp_path, examples):
+  small = _Examples(examples[:40])
+  directory, meta, _ = store.open_or_build(small, _BigVocab(), str(tmp_path))
+  assert meta["dtype"] == "int32"
+  got = store.StoredSplit(directory)
+  for i, ex in enumerate(small):
+    assert got.source(i).tolist() == [66_000 + ord(c) % 4000 for c in ex["source"]] + [EOS_ID]
+    assert got.target(i).tolist() == [66_000 + ord(c) % 4000 for c in ex["target"]] + [EOS_ID]

@@ -268,12 +268,27 @@ def _open_store(cfg: Config, workdir: str, split: str, tok: tokenizer_lib.Tokeni
   opener = functools.partial(datasets.get_split, cfg.data, split, data_dir)
   directory, meta, built = _chief_first(lambda: store.open_or_build(
       examples, tok, _store_root(cfg, workdir), workers=workers, opener=opener,
-      fallback_root=os.path.join(workdir, "tokenized")))
+      fallback_root=os.path.join(workdir, "tokenized"), may_build=jax.process_index() == 0))
   return examples, directory, meta, built
 
 
+def _is_directory_split(cfg: Config, split: str) -> bool:
+  """A parsing split read straight from a directory of tree files (never stored: its files
+  may change, and the same relative path names other trees from another cwd)."""
+  from transformer.data import treebank  # pylint: disable=g-import-not-at-top
+  return cfg.data.dataset in treebank.DATASETS and treebank.is_directory_split(split)
+
+
 def _tokenize(s: Setup, split: str, train: bool):
-  """(examples, tokenized split read from its store); training drops too long/empty pairs."""
+  """(examples, tokenized split read from its store); training drops too long/empty pairs.
+  A directory split is read and tokenized in memory on every call."""
+  if _is_directory_split(s.cfg, split):
+    examples = datasets.get_split(s.cfg.data, split, _data_dir(s.cfg, s.workdir))
+    if train:
+      return examples, pipeline.tokenize_split(
+          examples, s.tokenizer, s.cfg.data.max_source_length, s.cfg.data.max_target_length,
+          drop_empty=True)
+    return examples, pipeline.tokenize_split(examples, s.tokenizer)
   examples, directory, _, _ = _open_store(s.cfg, s.workdir, split, s.tokenizer)
   if train:
     return examples, store.StoredSplit(directory, s.cfg.data.max_source_length,
@@ -289,11 +304,11 @@ def _split_names(cfg: Config) -> list[str]:
   return list(dict.fromkeys((cfg.data.train_split, cfg.data.eval_split, cfg.data.test_split)))
 
 
-def _is_tfds_prepared(cfg: Config, data_dir: str) -> bool:
-  if cfg.data.dataset in ("ptb_wsj", "ptb_wsj_sample"):
-    from transformer.data import treebank  # pylint: disable=g-import-not-at-top
-    return treebank.make_parsing_builder(cfg.data, data_dir).is_prepared()
-  return datasets.make_builder(cfg.data, data_dir).is_prepared()
+def _tfds_builder(cfg: Config, data_dir: str):
+  from transformer.data import treebank  # pylint: disable=g-import-not-at-top
+  if cfg.data.dataset in treebank.DATASETS:
+    return treebank.make_parsing_builder(cfg.data, data_dir)
+  return datasets.make_builder(cfg.data, data_dir)
 
 
 def _dir_bytes(path: str) -> int:
@@ -312,7 +327,8 @@ def prepare(cfg: Config, workdir: str) -> dict[str, Any]:
   t0 = time.time()
   data_dir, vocab_path = _data_dir(cfg, workdir), _vocab_path(cfg, workdir)
   splits = _split_names(cfg)
-  tfds_done = _is_tfds_prepared(cfg, data_dir)
+  builder = _tfds_builder(cfg, data_dir)
+  tfds_done = builder.is_prepared()
   examples = {}
   for split in splits:
     examples[split] = _chief_first(lambda split=split: datasets.get_split(cfg.data, split,
@@ -330,6 +346,8 @@ def prepare(cfg: Config, workdir: str) -> dict[str, Any]:
       "vocab_path": os.path.abspath(vocab_path), "vocab_trained_now": not vocab_done,
       "vocab_size": tok.vocab_size, "vocab_sha256": tok.fingerprint(), "stores": []}
   for split in splits:
+    if _is_directory_split(cfg, split):
+      continue  # read and tokenized when used (see _tokenize)
     _, directory, meta, built = _open_store(cfg, workdir, split, tok)
     store.StoredSplit(directory)  # every process can read it
     report["stores"].append({"split": split, "path": directory, "built_now": built,
@@ -343,7 +361,7 @@ def prepare(cfg: Config, workdir: str) -> dict[str, Any]:
     now = lambda b: "now" if b else "already there"
     rows = ", ".join(f"{split} {len(examples[split])}" for split in splits)
     print(f"tfds: {report['tfds_data_dir']} ({now(not tfds_done)}): {rows} examples,"
-          f" {_dir_bytes(data_dir) - _dir_bytes(_store_root(cfg, workdir))} bytes")
+          f" {_dir_bytes(builder.data_dir)} bytes")  # this dataset's prepared files only
     print(f"vocabulary: {report['vocab_path']} ({'trained now' if not vocab_done else 'already there'}):"
           f" {tok.vocab_size} pieces, sha256 {tok.fingerprint()[:16]}")
     for x in report["stores"]:

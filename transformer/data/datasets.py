@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import hashlib
 import importlib
 import os
@@ -26,6 +25,7 @@ import tensorflow_datasets as tfds
 
 from transformer.config import DataConfig
 from transformer.data import tfds_compat
+from transformer.data.errors import describe_failure
 from transformer.data import wmt_streaming
 
 NON_UTF8_POLICIES = ("replace", "skip")
@@ -432,48 +432,6 @@ def _check_local_files(builder: tfds.core.DatasetBuilder) -> None:
       raise FileNotFoundError(f"Raw data file not found: {path}")
 
 
-_DISK_ERRNOS = {errno.ENOSPC: "the disk is full",
-                errno.EFBIG: "a file exceeds the file-size limit",
-                errno.EDQUOT: "the disk quota is exceeded"}
-
-
-def _one_line(text, limit: int = 400) -> str:
-  text = " ".join(str(text).split())
-  return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def describe_failure(error: BaseException) -> str:
-  """One line naming the error and its root cause (e.g. a missing module).
-
-  TFDS wraps causes (an `ExtractError` around an `EOFError`, ...): the root
-  cause is shown in full, the message of a wrapper around it is shortened.
-  """
-  chain, seen = [error], {id(error)}
-  while True:
-    nxt = chain[-1].__cause__ or (None if chain[-1].__suppress_context__
-                                  else chain[-1].__context__)
-    if nxt is None or id(nxt) in seen:
-      break
-    chain.append(nxt)
-    seen.add(id(nxt))
-  root = chain[-1]
-  root_message = " ".join(str(root).split())
-  if root is error:
-    text = f"{type(error).__name__}: {root_message}"
-  else:
-    text = f"{type(error).__name__}: {_one_line(error)}"
-    if root_message and root_message in text:  # already quoted by the wrapper
-      text += f" [cause: {type(root).__name__}]"
-    else:
-      text += f" [cause: {type(root).__name__}: {root_message}]"
-  # array_record reports write failures as RuntimeError text, so match both.
-  for code, hint in _DISK_ERRNOS.items():
-    if any(isinstance(e, OSError) and e.errno == code for e in chain) or (
-        os.strerror(code) in text):
-      return f"{text} ({hint})"
-  return text
-
-
 def prepare(builder: tfds.core.DatasetBuilder) -> None:
   """Prepares array_record files unless they already exist.
 
@@ -501,7 +459,7 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
   except tfds_compat.UnsupportedTfdsError as e:
     raise DataError(str(e)) from e
   except Exception as e:  # pylint: disable=broad-except
-    if local:  # errors name the local file themselves
+    if local and isinstance(e, (FileNotFoundError, ValueError)):  # they name the local file
       raise
     raise DataError(
         f"{builder.info.full_name} is not prepared in {builder.data_dir_root}"
@@ -520,8 +478,8 @@ def get_split(data_cfg: DataConfig, split: str, data_dir: str) -> ParallelSplit:
   """
   if not data_dir:
     raise DataError("A TFDS data dir is required (--tfds_data_dir)")
-  if data_cfg.dataset in ("ptb_wsj", "ptb_wsj_sample", "craft_treebank"):  # section 6.3: parsing
-    from transformer.data import treebank  # pylint: disable=g-import-not-at-top (cycle)
+  from transformer.data import treebank  # pylint: disable=g-import-not-at-top (cycle)
+  if data_cfg.dataset in treebank.DATASETS:  # section 6.3: parsing
     return treebank.get_parsing_split(data_cfg, split, data_dir)
   src, tgt = data_cfg.source_lang, data_cfg.target_lang
   if src == tgt:

@@ -56,8 +56,8 @@ class TokenizedSplit:
   counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
-    self.source_offsets = _offsets(self.source_lengths)
-    self.target_offsets = _offsets(self.target_lengths)
+    self.source_offsets = row_offsets(self.source_lengths)
+    self.target_offsets = row_offsets(self.target_lengths)
     self.source_starts = self.source_offsets[:-1]  # [n] where each row starts
     self.target_starts = self.target_offsets[:-1]
 
@@ -76,24 +76,56 @@ class TokenizedSplit:
     return np.maximum(self.source_lengths, self.target_lengths)
 
 
-def _offsets(lengths: np.ndarray) -> np.ndarray:
+def row_offsets(lengths: np.ndarray) -> np.ndarray:
+  """[rows + 1] int64: row i spans [out[i], out[i + 1]) of the flat tokens."""
   out = np.zeros(len(lengths) + 1, dtype=np.int64)
   np.cumsum(lengths, out=out[1:])
   return out
 
 
-def _ragged_with_eos(id_lists: Sequence[Sequence[int]]
+def ragged_with_eos(id_lists: Sequence[Sequence[int]], dtype=np.int32
                      ) -> tuple[np.ndarray, np.ndarray]:
-  """Flat int32 ids with EOS after each row, and the row lengths."""
+  """[total] ids (of `dtype`) with EOS after each row, and the [rows] int32 lengths."""
   n = len(id_lists)
   lengths = np.fromiter((len(x) for x in id_lists), np.int64, count=n) + 1
   total = int(lengths.sum())
-  flat = np.full(total, EOS_ID, dtype=np.int32)
+  flat = np.full(total, EOS_ID, dtype=dtype)
   not_eos = np.ones(total, dtype=bool)
   not_eos[np.cumsum(lengths) - 1] = False
   flat[not_eos] = np.fromiter(itertools.chain.from_iterable(id_lists),
-                              np.int32, count=total - n)
+                              dtype, count=total - n)
   return flat, lengths.astype(np.int32)
+
+
+def length_filter(src_len: np.ndarray, tgt_len: np.ndarray,
+                  max_source_length: Optional[int] = None,
+                  max_target_length: Optional[int] = None, drop_empty: bool = False,
+                  name: str = "split") -> tuple[np.ndarray, dict[str, int]]:
+  """([n] bool rows kept, counts) for [n] source/target lengths (EOS included).
+
+  Drops rows longer than a limit (None: no limit) and, with `drop_empty`, rows with an
+  empty side (length 1: EOS only). counts: 'input', 'kept', 'too_long' (not empty), 'empty'.
+  Logs the dropped rows; raises ValueError if none is kept.
+  """
+  n = len(src_len)
+  too_long = np.zeros(n, dtype=bool)
+  if max_source_length is not None:
+    too_long |= src_len > max_source_length
+  if max_target_length is not None:
+    too_long |= tgt_len > max_target_length
+  empty = ((src_len <= 1) | (tgt_len <= 1)) if drop_empty else np.zeros(n, bool)
+  keep = ~(too_long | empty)
+  counts = {"input": n, "kept": int(keep.sum()),
+            "too_long": int((too_long & ~empty).sum()), "empty": int(empty.sum())}
+  if counts["kept"] < n:
+    logging.info("%s: dropped %d of %d pairs (%d longer than %s/%s tokens, %d empty).",
+                 name, n - counts["kept"], n, counts["too_long"],
+                 max_source_length, max_target_length, counts["empty"])
+  if counts["kept"] == 0:
+    raise ValueError(
+        f"{name}: all {n} pairs were filtered out (max_source_length="
+        f"{max_source_length}, max_target_length={max_target_length})")
+  return keep, counts
 
 
 def _chunks(source: Sequence[dict[str, Any]], size: int
@@ -137,8 +169,8 @@ def tokenize_split(source: Sequence[dict[str, Any]], tokenizer,
   """
   src_parts, src_lens, tgt_parts, tgt_lens, ids = [], [], [], [], []
   for chunk in _chunks(source, chunk_size):
-    s_flat, s_len = _ragged_with_eos(_encode(tokenizer, [ex["source"] for ex in chunk]))
-    t_flat, t_len = _ragged_with_eos(_encode(tokenizer, [ex["target"] for ex in chunk]))
+    s_flat, s_len = ragged_with_eos(_encode(tokenizer, [ex["source"] for ex in chunk]))
+    t_flat, t_len = ragged_with_eos(_encode(tokenizer, [ex["target"] for ex in chunk]))
     src_parts.append(s_flat)
     src_lens.append(s_len)
     tgt_parts.append(t_flat)
@@ -152,24 +184,8 @@ def tokenize_split(source: Sequence[dict[str, Any]], tokenizer,
   index = np.arange(n, dtype=np.int64)
   ids_arr = np.concatenate(ids)
   ids_arr = np.where(ids_arr < 0, index, ids_arr)  # no 'id': use the position
-  too_long = np.zeros(n, dtype=bool)
-  if max_source_length is not None:
-    too_long |= src_len > max_source_length
-  if max_target_length is not None:
-    too_long |= tgt_len > max_target_length
-  empty = ((src_len <= 1) | (tgt_len <= 1)) if drop_empty else np.zeros(n, bool)
-  keep = ~(too_long | empty)
-  counts = {"input": n, "kept": int(keep.sum()),
-            "too_long": int((too_long & ~empty).sum()), "empty": int(empty.sum())}
-  name = getattr(source, "name", "") or "split"
-  if counts["kept"] < n:
-    logging.info("%s: dropped %d of %d pairs (%d longer than %s/%s tokens, %d empty).",
-                 name, n - counts["kept"], n, counts["too_long"],
-                 max_source_length, max_target_length, counts["empty"])
-  if counts["kept"] == 0:
-    raise ValueError(
-        f"{name}: all {n} pairs were filtered out (max_source_length="
-        f"{max_source_length}, max_target_length={max_target_length})")
+  keep, counts = length_filter(src_len, tgt_len, max_source_length, max_target_length,
+                               drop_empty, getattr(source, "name", "") or "split")
   src_tokens = np.concatenate(src_parts)
   tgt_tokens = np.concatenate(tgt_parts)
   if counts["kept"] < n:

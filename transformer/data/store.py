@@ -3,7 +3,7 @@
 A store holds every example of one split, encoded with one SentencePiece model, in one
 direction (source -> target), EOS appended, in split order:
 
-  <root>/<dataset>/<config>/<version>/<split>.<src>-<tgt>.<vocab sha256[:16]>/
+  <root>/<dataset>/<config>/<version>/<split>-<name sha256[:8]>.<src>-<tgt>.<vocab sha256[:16]>/
     source_tokens.npy   [total source tokens] uint16 (int32 if the vocabulary has > 65536 ids)
     source_offsets.npy  [rows + 1] int64: row i is source_tokens[offsets[i]:offsets[i + 1]]
     target_tokens.npy, target_offsets.npy   the same for the target
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import hashlib
 import json
 import multiprocessing
 import os
@@ -39,14 +40,16 @@ from typing import Any, Callable, Optional, Sequence
 from absl import logging
 import numpy as np
 
-from transformer.config import EOS_ID
+from transformer.data import pipeline
+from transformer.data.errors import describe_failure
 
 FORMAT_VERSION = 1
 COMPLETE = "COMPLETE"
 _FILES = ("source_tokens.npy", "source_offsets.npy", "target_tokens.npy",
           "target_offsets.npy", "ids.npy")
 _CHUNK_ROWS = 8192      # examples read and encoded at a time
-_TASK_ROWS = 131072     # rows per worker task when building with several processes
+_TASK_ROWS = 131072     # most rows per worker task when building with several processes
+_MIN_TASK_ROWS = 512    # fewest: a smaller split is encoded here (a worker takes ~1 s to start)
 
 
 class StoreError(ValueError):
@@ -58,17 +61,25 @@ class StoreError(ValueError):
 
 
 def _safe(part: str) -> str:
-  """'train[:3000]' -> 'train_3000': a file-name-safe rendering of a split or name part."""
-  return re.sub(r"[^A-Za-z0-9_.=-]+", "_", part).strip("_") or "_"
+  """'train[:3000]' -> 'train_3000': a file-name-safe rendering of a split or name part
+  ('.' and '..' become '_': a store path never leaves the store root)."""
+  part = re.sub(r"[^A-Za-z0-9_.=-]+", "_", part).strip("_") or "_"
+  return "_" if part in (".", "..") else part
 
 
 def store_dir(root: str, name: str, source_lang: str, target_lang: str,
               vocab_sha256: str) -> str:
-  """Directory of the store of split `name` ('<dataset full name>/<split>')."""
+  """Directory of the store of split `name` ('<dataset full name>/<split>').
+
+  The leaf ends with a sha256 of the exact `name`: splits that `_safe` renders alike
+  ('train[:3000]', 'train[3000:]') get different directories.
+  """
   parts = [_safe(p) for p in name.split("/") if p]
   if not parts:
     raise StoreError("a store needs the split's name")
-  leaf = f"{parts[-1]}.{_safe(source_lang)}-{_safe(target_lang)}.{vocab_sha256[:16]}"
+  digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+  leaf = (f"{parts[-1]}-{digest}.{_safe(source_lang)}-{_safe(target_lang)}"
+          f".{vocab_sha256[:16]}")
   return os.path.join(root, *parts[:-1], leaf)
 
 
@@ -125,25 +136,8 @@ class StoredSplit:
     tgt_off = np.asarray(load("target_offsets.npy"))
     src_len = np.diff(src_off).astype(np.int32)
     tgt_len = np.diff(tgt_off).astype(np.int32)
-    n = len(src_len)
-    # The same filter, counts and log line as pipeline.tokenize_split.
-    too_long = np.zeros(n, dtype=bool)
-    if max_source_length is not None:
-      too_long |= src_len > max_source_length
-    if max_target_length is not None:
-      too_long |= tgt_len > max_target_length
-    empty = ((src_len <= 1) | (tgt_len <= 1)) if drop_empty else np.zeros(n, bool)
-    keep = ~(too_long | empty)
-    self.counts = {"input": n, "kept": int(keep.sum()),
-                   "too_long": int((too_long & ~empty).sum()), "empty": int(empty.sum())}
-    name = meta["name"]
-    if self.counts["kept"] < n:
-      logging.info("%s: dropped %d of %d pairs (%d longer than %s/%s tokens, %d empty).",
-                   name, n - self.counts["kept"], n, self.counts["too_long"],
-                   max_source_length, max_target_length, self.counts["empty"])
-    if self.counts["kept"] == 0:
-      raise ValueError(f"{name}: all {n} pairs were filtered out (max_source_length="
-                       f"{max_source_length}, max_target_length={max_target_length})")
+    keep, self.counts = pipeline.length_filter(src_len, tgt_len, max_source_length,
+                                               max_target_length, drop_empty, meta["name"])
     self.index = np.flatnonzero(keep).astype(np.int64)   # [kept] store row of each row
     self.ids = np.asarray(load("ids.npy"))[keep]          # [kept] example 'id'
     self.source_lengths = src_len[keep]                   # [kept] int32, EOS included
@@ -176,19 +170,6 @@ def _token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
 
 
-def _flat_with_eos(id_lists: Sequence[Sequence[int]], dtype: np.dtype
-                   ) -> tuple[np.ndarray, np.ndarray]:
-  """[total] ids with EOS after each row, [rows] lengths (EOS included)."""
-  lengths = np.fromiter((len(x) + 1 for x in id_lists), np.int64, count=len(id_lists))
-  flat = np.empty(int(lengths.sum()), dtype=dtype)
-  ends = np.cumsum(lengths) - 1
-  flat[ends] = EOS_ID
-  body = np.ones(len(flat), dtype=bool)
-  body[ends] = False
-  flat[body] = np.fromiter((t for x in id_lists for t in x), dtype, count=len(flat) - len(ends))
-  return flat, lengths
-
-
 def _encode_rows(examples, tokenizer, start: int, stop: int, dtype: np.dtype,
                  out: dict[str, Any], num_threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Encodes examples[start:stop], appending token bytes to the open files in `out`.
@@ -201,10 +182,10 @@ def _encode_rows(examples, tokenizer, start: int, stop: int, dtype: np.dtype,
     chunk = (examples.__getitems__(range(a, b)) if hasattr(examples, "__getitems__")
              else [examples[i] for i in range(a, b)])
     for side, lens in (("source", src_lens), ("target", tgt_lens)):
-      flat, n = _flat_with_eos(tokenizer.encode_batch([ex[side] for ex in chunk],
-                                                      num_threads=num_threads), dtype)
+      flat, n = pipeline.ragged_with_eos(
+          tokenizer.encode_batch([ex[side] for ex in chunk], num_threads=num_threads), dtype)
       out[side].write(flat.tobytes())
-      lens.append(n)
+      lens.append(n.astype(np.int64))
     ids.append(np.fromiter((ex.get("id", -1) for ex in chunk), np.int64, count=len(chunk)))
   cat = lambda x: np.concatenate(x) if x else np.zeros(0, np.int64)
   return cat(src_lens), cat(tgt_lens), cat(ids)
@@ -240,12 +221,6 @@ def _write_npy_from_raw(raw_paths: Sequence[str], dtype: np.dtype, path: str) ->
   return count
 
 
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-  out = np.zeros(len(lengths) + 1, dtype=np.int64)
-  np.cumsum(lengths, out=out[1:])
-  return out
-
-
 def build(examples: Sequence[dict[str, Any]], tokenizer, directory: str,
           key_: dict[str, Any], workers: int = 1,
           opener: Optional[Callable[[], Sequence]] = None) -> dict[str, Any]:
@@ -256,8 +231,9 @@ def build(examples: Sequence[dict[str, Any]], tokenizer, directory: str,
     tokenizer: `transformer.data.tokenizer.Tokenizer`.
     directory: the store's final path; it is written as '<directory>.tmp-*' and renamed.
     key_: `key(...)` of this store, saved in meta.json.
-    workers: processes encoding row ranges in parallel (each reads its own rows); 1 encodes
-      here with SentencePiece's threads.
+    workers: processes encoding row ranges in parallel (each reads its own rows; ranges of
+      ceil(rows / workers) rows, within [_MIN_TASK_ROWS, _TASK_ROWS]); 1 encodes here with
+      SentencePiece's threads.
     opener: picklable () -> examples for the worker processes (needed when workers > 1).
 
   Returns:
@@ -272,15 +248,21 @@ def build(examples: Sequence[dict[str, Any]], tokenizer, directory: str,
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
   try:
-    ranges = [(a, min(a + _TASK_ROWS, n)) for a in range(0, n, _TASK_ROWS)]
+    task_rows = min(_TASK_ROWS, max(_MIN_TASK_ROWS, -(-n // max(1, workers))))
+    ranges = [(a, min(a + task_rows, n)) for a in range(0, n, task_rows)]
+    processes = 1
     if workers > 1 and len(ranges) > 1 and opener is not None:
+      processes = min(workers, len(ranges))
       ctx = multiprocessing.get_context("spawn")  # no fork of a process running JAX threads
       with concurrent.futures.ProcessPoolExecutor(
-          max_workers=min(workers, len(ranges)), mp_context=ctx,
+          max_workers=processes, mp_context=ctx,
           initializer=_worker_init, initargs=(opener, tokenizer)) as pool:
         futures = [pool.submit(_worker_task, a, b, dtype.str, os.path.join(tmp, f"part{i:06d}"))
                    for i, (a, b) in enumerate(ranges)]
-        parts = [f.result() for f in futures]
+        try:
+          parts = [f.result() for f in futures]
+        except OSError as e:  # e.g. a full disk: the error, without the worker's traceback
+          raise e from None
       raw = {side: [os.path.join(tmp, f"part{i:06d}.{side}") for i in range(len(ranges))]
              for side in ("source", "target")}
     else:
@@ -300,11 +282,11 @@ def build(examples: Sequence[dict[str, Any]], tokenizer, directory: str,
                                          os.path.join(tmp, f"{side}_tokens.npy"))
       if totals[side] != int(lens.sum()):
         raise StoreError(f"{key_['name']}: {side} token count mismatch")
-      np.save(os.path.join(tmp, f"{side}_offsets.npy"), _offsets(lens))
+      np.save(os.path.join(tmp, f"{side}_offsets.npy"), pipeline.row_offsets(lens))
     np.save(os.path.join(tmp, "ids.npy"), ids)
     meta = dict(key_, dtype=dtype.name, vocab_size=int(tokenizer.vocab_size),
                 source_tokens=totals["source"], target_tokens=totals["target"],
-                build_seconds=round(time.time() - t0, 3), workers=int(workers),
+                build_seconds=round(time.time() - t0, 3), workers=processes,
                 file_bytes={f: os.path.getsize(os.path.join(tmp, f)) for f in _FILES})
     with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
       json.dump(meta, f, indent=2)
@@ -313,21 +295,46 @@ def build(examples: Sequence[dict[str, Any]], tokenizer, directory: str,
     with open(os.path.join(tmp, COMPLETE), "w", encoding="utf-8") as f:
       f.write("ok\n")
     _fsync(os.path.join(tmp, COMPLETE))
-    if _read_meta(directory) is not None:  # another job finished the same store first
-      logging.info("tokenized store %s was built meanwhile; keeping it", directory)
-      return _read_meta(directory)
-    if os.path.exists(directory):  # an incomplete or damaged store: kept aside, not deleted
-      aside = f"{directory}.invalid-{int(time.time())}"
-      os.rename(directory, aside)
-      logging.warning("tokenized store %s was incomplete; moved to %s", directory, aside)
-    os.rename(tmp, directory)
+    other = _move_into_place(tmp, directory)
     tmp = None
+    if other is not None:
+      return other
   finally:
     if tmp is not None:
       shutil.rmtree(tmp, ignore_errors=True)
   logging.info("tokenized %s: %d rows, %d + %d tokens in %.1f s -> %s", key_["name"], n,
                meta["source_tokens"], meta["target_tokens"], meta["build_seconds"], directory)
   return meta
+
+
+def _move_into_place(tmp: str, directory: str) -> Optional[dict[str, Any]]:
+  """Renames the complete store `tmp` to `directory`; None if it is now there.
+
+  If another builder renamed its (complete) store into place first, `tmp` is deleted and that
+  store's meta returned; an incomplete or damaged `directory` is moved aside (never deleted,
+  never while complete) to a new unique '<directory>.invalid-*' and the rename retried.
+  """
+  for _ in range(8):
+    try:
+      os.rename(tmp, directory)
+      return None
+    except OSError as e:
+      if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+        raise
+    meta = _read_meta(directory)
+    if meta is not None:  # another builder finished the same store first
+      shutil.rmtree(tmp, ignore_errors=True)
+      logging.info("tokenized store %s was built meanwhile; keeping it", directory)
+      return meta
+    aside = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".invalid-",
+                             dir=os.path.dirname(directory))
+    try:
+      os.rename(directory, aside)  # replaces the empty `aside`
+    except FileNotFoundError:  # moved away meanwhile: retry the rename
+      os.rmdir(aside)
+      continue
+    logging.warning("tokenized store %s was incomplete; moved to %s", directory, aside)
+  raise StoreError(f"cannot move the tokenized store into {directory}: it keeps changing")
 
 
 def _fsync(path: str) -> None:
@@ -340,13 +347,16 @@ def _fsync(path: str) -> None:
 
 def open_or_build(examples: Sequence[dict[str, Any]], tokenizer, root: str,
                   workers: int = 1, opener: Optional[Callable[[], Sequence]] = None,
-                  fallback_root: Optional[str] = None) -> tuple[str, dict[str, Any], bool]:
+                  fallback_root: Optional[str] = None,
+                  may_build: bool = True) -> tuple[str, dict[str, Any], bool]:
   """(store directory, meta, whether it was built now) of `examples` under `root`.
 
   `examples` needs `name`, `source_lang` and `target_lang` (`datasets.ParallelSplit`). A
   complete store under `root`, else under `fallback_root`, is opened; a missing one is built
   under `root`, or under `fallback_root` when `root` is read-only (e.g. shared data mounted
-  read-only on the training nodes).
+  read-only on the training nodes). With `may_build=False` (a process other than the one
+  that builds) a missing store is a `StoreError`. A disk failure while building (full disk,
+  file-size limit, I/O error) is a one-line `StoreError`.
   """
   name = getattr(examples, "name", "")
   src = getattr(examples, "source_lang", "source")
@@ -363,13 +373,17 @@ def open_or_build(examples: Sequence[dict[str, Any]], tokenizer, root: str,
         raise StoreError(f"tokenized store {directory} was built for {got}, not {want};"
                          " move it away to rebuild")
       return directory, meta, False
+  if not may_build:
+    raise StoreError(f"{store_dir(root, name, src, tgt, fp)}: not visible after process 0 built"
+                     " it (every process needs the same --tfds_data_dir, on a shared"
+                     " filesystem)")
   for i, r in enumerate(roots):
     directory = store_dir(r, name, src, tgt, fp)
     try:
       return directory, build(examples, tokenizer, directory, want, workers, opener), True
     except OSError as e:
       if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-        raise
+        raise StoreError(f"building {directory} failed: {describe_failure(e)}") from e
       if i + 1 == len(roots):
         raise StoreError(f"cannot write the tokenized store {directory}: {e}") from e
       logging.warning("cannot write under %s (%s); building the store under %s", r, e,
