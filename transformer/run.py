@@ -594,32 +594,34 @@ def _restore_params(s: Setup, which: str):
     raise checkpoints.CheckpointError(f"no checkpoint in {directory}: train first"
                                       + (" and run --mode=average" if which == "averaged" else ""))
   ckpt = checkpoints.Checkpointer(directory, keep=10**6, create=False)
-  steps = ckpt.steps()
-  if not steps:
-    raise checkpoints.CheckpointError(f"no checkpoint in {directory}: train first")
-  if which in ("latest", "averaged"):
-    step = steps[-1]
-  else:
+  try:  # closed on every path: an open manager's threads outlive a failed restore at exit
+    steps = ckpt.steps()
+    if not steps:
+      raise checkpoints.CheckpointError(f"no checkpoint in {directory}: train first")
+    if which in ("latest", "averaged"):
+      step = steps[-1]
+    else:
+      try:
+        step = int(which)
+      except ValueError:
+        raise ConfigError(f"--checkpoint must be latest, averaged or a step, got {which!r}"
+                          ) from None
+      if step not in steps:
+        raise checkpoints.CheckpointError(
+            f"no checkpoint for step {step} in {directory}; have {steps}")
+    damaged = (f"checkpoint {step} in {directory} cannot be read ({{}}); pass another"
+               f" --checkpoint=<step> (have {steps})")
     try:
-      step = int(which)
-    except ValueError:
-      raise ConfigError(f"--checkpoint must be latest, averaged or a step, got {which!r}") from None
-    if step not in steps:
-      raise checkpoints.CheckpointError(f"no checkpoint for step {step} in {directory}; have {steps}")
-  try:
-    saved = ckpt.restore_config(step)
-  except Exception as e:  # pylint: disable=broad-except  (any read failure = damaged)
-    raise checkpoints.CheckpointError(f"checkpoint {step} in {directory} cannot be read"
-                                      f" ({type(e).__name__}); pass another --checkpoint=<step>"
-                                      f" (have {steps})") from e
-  _check_same_model(saved, s, f"checkpoint {step} in {directory}")
-  try:
-    state, _, _ = ckpt.restore(step, s.trainer.abstract_state)
-  except Exception as e:  # pylint: disable=broad-except
-    raise checkpoints.CheckpointError(f"checkpoint {step} in {directory} cannot be read"
-                                      f" ({type(e).__name__}); pass another --checkpoint=<step>"
-                                      f" (have {steps})") from e
-  ckpt.close()
+      saved = ckpt.restore_config(step)
+    except Exception as e:  # pylint: disable=broad-except  (any read failure = damaged)
+      raise checkpoints.CheckpointError(damaged.format(type(e).__name__)) from e
+    _check_same_model(saved, s, f"checkpoint {step} in {directory}")
+    try:
+      state, _, _ = ckpt.restore(step, s.trainer.abstract_state)
+    except Exception as e:  # pylint: disable=broad-except
+      raise checkpoints.CheckpointError(damaged.format(type(e).__name__)) from e
+  finally:
+    ckpt.close()
   logging.info("restored %s checkpoint of step %d", sub, step)
   return state.params, step
 
