@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from transformer.config import DataConfig
+from transformer.data import records
 from transformer.data import tfds_compat
 from transformer.data.errors import describe_failure
 from transformer.data import wmt_streaming
@@ -496,7 +497,7 @@ def get_split(data_cfg: DataConfig, split: str, data_dir: str) -> ParallelSplit:
   if base not in builder.info.splits:
     raise DataError(f"{builder.info.full_name} has no split {split!r}; it has"
                     f" {sorted(builder.info.splits.keys())}")
-  source = builder.as_data_source(split=tfds_split)
+  source = records.open_split(builder, tfds_split)
   has_id = "id" in builder.info.features.keys()
   ordered = bool(builder.info.disable_shuffling) and has_id
   logging.info("%s %s: %d examples, %s -> %s", builder.info.full_name,
