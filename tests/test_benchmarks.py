@@ -222,3 +222,26 @@ def test_dropout_benchmark_prints_json():
   ms = out["median_ms"]
   assert set(ms) == {"bernoulli", "ours", "none"} and all(v > 0 for v in ms.values())
   assert out["mask_cost_ms"]["ours"] == pytest.approx(ms["ours"] - ms["none"])
+
+
+def test_checkouts_alternates_and_takes_ratios_of_medians():
+  from benchmarks import checkouts  # pylint: disable=g-import-not-at-top
+  seen = []
+  times = {"old": iter([1.0, 3.0, 2.0]), "new": iter([2.0, 2.0, 5.0])}
+
+  def runner(path):
+    seen.append(path)
+    return next(times[path])
+
+  out = checkouts.measure("old", "new", rounds=3, runner=runner)
+  assert seen == ["old", "new", "new", "old", "old", "new"]
+  assert out["a"]["median_s"] == 2.0 and out["b"]["median_s"] == 2.0
+  assert out["ratio_b_over_a"] == 1.0
+  assert out["ratio_per_round"] == pytest.approx([2.0, 2 / 3, 2.5])
+
+
+def test_checkouts_rejects_a_directory_that_is_no_checkout(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "benchmarks.checkouts", f"--a={REPO}",
+                      f"--b={tmp_path}"], cwd=REPO, capture_output=True, text=True, check=False)
+  assert r.returncode == 1
+  assert r.stderr.strip() == f"error: --b={str(tmp_path)!r} is not a checkout of this repository"
