@@ -11,6 +11,7 @@ into a run whose value is the same; see checkpoints.check_compatible) in its met
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from typing import Any, Optional
@@ -314,12 +315,14 @@ def from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Config:
   return validate(Config(**sections))
 
 
-def from_args(argv: list[str]) -> Config:
+def from_args(argv: list[str], cwd: Optional[str] = None) -> Config:
   """Config from command-line style arguments, e.g. ['--flagfile=x.flags', '--d_model=256'].
 
   Uses a private FlagValues, so it never touches the global FLAGS (tests, sweeps, reports).
+  With `cwd`, relative --flagfile paths (nested ones too) are read from that directory.
   """
   fv = flags.FlagValues()
   define_flags(fv)
-  fv(["config"] + list(argv))
+  with contextlib.chdir(cwd) if cwd else contextlib.nullcontext():
+    fv(["config"] + list(argv))
   return from_flags(fv)

@@ -256,5 +256,12 @@ class Trainer:
       return self._eval_step.lower(self.abstract_state.params, batch)
 
 
-def count_params(tree: Any) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(tree))
+def count_params(params_or_config: Any) -> int:
+  """Number of parameters: of a pytree of arrays (or ShapeDtypeStructs), or of
+  Transformer(config) for a ModelConfig, from shapes only (nothing is allocated)."""
+  tree = params_or_config
+  if isinstance(tree, ModelConfig):
+    tokens = jnp.ones((1, 8), jnp.int32)
+    tree = jax.eval_shape(lambda: Transformer(params_or_config).init(
+        jax.random.PRNGKey(0), tokens, tokens))["params"]
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))

@@ -116,14 +116,6 @@ def iter_parallel_files(src_path: str, tgt_path: str, non_utf8: str = "replace",
     counts.update(stats)
 
 
-def read_parallel_files(src_path: str, tgt_path: str, non_utf8: str = "replace"
-                        ) -> tuple[list[tuple[int, str, str]], dict[str, int]]:
-  """All (line number, source, target) triples and the decoding counts."""
-  counts: dict[str, int] = {}
-  triples = list(iter_parallel_files(src_path, tgt_path, non_utf8, counts))
-  return triples, counts
-
-
 # ----------------------------------------------------------------------------
 # TFDS builders.
 
