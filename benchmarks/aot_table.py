@@ -47,13 +47,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(name: str, *extra: str) -> config_lib.Config:
-  cwd = os.getcwd()
-  os.chdir(REPO)  # nested --flagfile paths are relative to the repository root
-  try:
-    return config_lib.from_args([f"--flagfile=experiments/paper/{name}.flags",
-                                 *FLAGS.extra_flags, *extra])
-  finally:
-    os.chdir(cwd)
+  # Nested --flagfile paths are relative to the repository root.
+  return config_lib.from_args([f"--flagfile=experiments/paper/{name}.flags",
+                               *FLAGS.extra_flags, *extra], cwd=REPO)
 
 
 def _emit(record: dict) -> None:

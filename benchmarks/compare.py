@@ -47,8 +47,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Command-line flags (only when run as a program: importing defines none)."""
-  flags.DEFINE_enum("config", "small", list(shapes.SHAPES),
-                    "Model configuration (tiny: smoke tests).")
+  shapes.define_flags("Sentences per step / batch")
   flags.DEFINE_enum("what", "train", ["train", "decode"], "Which measurement.")
   flags.DEFINE_integer("rounds", 3, "Rounds; each runs every variant once.")
   flags.DEFINE_string("peer_python", DEFAULT_PEER_PYTHON, "Python of the peer venv.")
@@ -56,11 +55,7 @@ def define_flags():
   flags.DEFINE_bool("bf16", False, "Add ours --dtype=bfloat16 vs the peer under bf16 autocast.")
   flags.DEFINE_bool("allocator", False, "Add ours --noretain_freed_memory and the peer"
                     " --retain_freed_memory (transformer/host.py).")
-  flags.DEFINE_integer("batch", 0, "Sentences per step / batch (0: the config's).")
   flags.DEFINE_integer("length", 0, "train: tokens per sentence (0: the config's).")
-  flags.DEFINE_integer("src_len", 0, "decode: source tokens per sentence (0: the config's).")
-  flags.DEFINE_integer("out_len", 0, "decode: output tokens per sentence (0: the config's).")
-  flags.DEFINE_integer("beam", 4, "decode: beam size.")
   flags.DEFINE_integer("warmup", 0, "Untimed steps / batches per run (0: 3 train, 1 decode).")
   flags.DEFINE_integer("steps", 10, "train: timed steps per run.")
   flags.DEFINE_integer("reps", 5, "decode: timed batches per run.")

@@ -48,12 +48,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Command-line flags (only when run as a program: importing defines none)."""
-  flags.DEFINE_enum("config", "small", list(shapes.SHAPES),
-                    "Model configuration (tiny: smoke tests).")
-  flags.DEFINE_integer("batch", 0, "Sentences per batch (0: the config's).")
-  flags.DEFINE_integer("src_len", 0, "Source tokens per sentence, incl. EOS (0: the config's).")
-  flags.DEFINE_integer("out_len", 0, "Output tokens per sentence, incl. EOS (0: the config's).")
-  flags.DEFINE_integer("beam", 4, "Beam size.")
+  shapes.define_flags()
   flags.DEFINE_float("alpha", 0.6, "Length penalty exponent.")
   flags.DEFINE_integer("cache_segment", 0, "As transformer.main's --cache_segment (0: one loop).")
   flags.DEFINE_string("dtype", "float32", "Compute dtype (parameters stay float32).")

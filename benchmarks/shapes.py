@@ -73,6 +73,19 @@ def train_batch(vocab_size: int, batch: int, length: int, seed: int = 0):
   return src, random_sentences(vocab_size, batch, length, rng)
 
 
+def define_flags(batch_help: str = "Sentences per batch") -> None:
+  """The absl flags naming a shape: --config, --batch, --src_len, --out_len and --beam (0: the
+  config's value). For our JAX benchmarks only: absl is imported here, the peer has none."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_enum("config", "small", list(SHAPES), "Model configuration (tiny: smoke tests).")
+  flags.DEFINE_integer("batch", 0, f"{batch_help} (0: the config's).")
+  flags.DEFINE_integer("src_len", 0, "Decoding: source tokens per sentence, incl. EOS (0: the"
+                       " config's).")
+  flags.DEFINE_integer("out_len", 0, "Decoding: output tokens per sentence, incl. EOS (0: the"
+                       " config's).")
+  flags.DEFINE_integer("beam", 4, "Decoding: beam size.")
+
+
 def decode_batches(vocab_size: int, count: int, batch: int, src_len: int,
                    seed: int = 0) -> list[np.ndarray]:
   """`count` different source batches of one shape, [batch, src_len] each."""

@@ -19,29 +19,14 @@ import os
 import sys
 from typing import Any, Optional
 
+from transformer.metrics_writer import read_metrics
+
 # (column suffix, metrics.jsonl key) for each record kind.
 _TRAIN = (("step", "step"), ("loss", "loss"), ("nll", "nll"))
 _EVAL = (("step", "step"), ("nll", "nll"), ("perplexity", "perplexity"), ("bleu", "bleu"))
 _TEST = (("step", "step"), ("sacrebleu", "sacrebleu"),
          ("bleu_tok_compound_split", "bleu_tok_compound_split"), ("bleu_tok_lc", "bleu_tok_lc"),
          ("nll", "test_nll"), ("perplexity", "test_perplexity"))
-
-
-def read_records(path: str) -> list[dict[str, Any]]:
-  """metrics.jsonl records; a missing file is no records, a torn last line is ignored."""
-  records = []
-  try:
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:
-          continue
-        if isinstance(record, dict) and "kind" in record:
-          records.append(record)
-  except FileNotFoundError:
-    pass
-  return records
 
 
 def find_runs(root: str) -> list[dict[str, Any]]:
@@ -70,7 +55,8 @@ def _last(records: list[dict], kind: str) -> Optional[dict]:
 
 def run_row(root: str, run: dict) -> dict[str, Any]:
   workdir = os.path.join(root, run["name"])
-  records = read_records(os.path.join(workdir, "metrics.jsonl"))
+  has_metrics = os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+  records = read_metrics(workdir) if has_metrics else []  # not started: no records
   row: dict[str, Any] = {"run": run["name"], **run.get("overrides", {})}
   status_path = os.path.join(workdir, "status.json")
   if os.path.exists(status_path):

@@ -65,31 +65,22 @@ def paper_rows() -> dict[str, dict[str, Any]]:
   return rows
 
 
-def count_parameters(model_cfg) -> int:
-  """Parameters of the model, from shapes only."""
-  from transformer.model import count_parameters as count  # pylint: disable=g-import-not-at-top
-  return count(model_cfg)
-
-
 def _row_config(name: str, extra: list[str]):
   from transformer import config as config_lib  # pylint: disable=g-import-not-at-top
-  cwd = os.getcwd()
-  os.chdir(REPO)  # nested --flagfile paths are relative to the repository root
-  try:
-    return config_lib.from_args([f"--flagfile={os.path.join(TABLE3_DIR, name + '.flags')}",
-                                 *extra])
-  finally:
-    os.chdir(cwd)
+  # Nested --flagfile paths are relative to the repository root.
+  return config_lib.from_args([f"--flagfile={os.path.join(TABLE3_DIR, name + '.flags')}",
+                               *extra], cwd=REPO)
 
 
 def params_table(vocab_size: Optional[int] = None) -> list[dict[str, Any]]:
   paper = paper_rows()
   extra = [f"--vocab_size={vocab_size}"] if vocab_size else []
+  from transformer.train import count_params  # pylint: disable=g-import-not-at-top
   out = []
   for name in ROWS:
     cfg = _row_config(name, extra).model
     out.append({"row": name, "title": paper[name]["title"], "vocab": cfg.vocab_size,
-                "d_model": cfg.d_model, "ours": count_parameters(cfg),
+                "d_model": cfg.d_model, "ours": count_params(cfg),
                 "paper_m": paper[name]["params_m"]})
   return out
 
@@ -158,15 +149,11 @@ def read_run(workdir: str) -> Optional[dict[str, Any]]:
     return None
   with open(reports[-1], encoding="utf-8") as f:
     ev = json.load(f)
-  train_nll, curve = None, []
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      record = json.loads(line)
-      if record.get("kind") == "train":
-        train_nll = record.get("nll")
-      elif record.get("kind") == "eval":
-        curve.append({"step": record["step"], "nll": record["nll"],
-                      "perplexity": record["perplexity"]})
+  from transformer.metrics_writer import read_metrics  # pylint: disable=g-import-not-at-top
+  train = read_metrics(workdir, "train")
+  train_nll = train[-1].get("nll") if train else None
+  curve = [{"step": r["step"], "nll": r["nll"], "perplexity": r["perplexity"]}
+           for r in read_metrics(workdir, "eval")]
   with open(os.path.join(workdir, "run.json"), encoding="utf-8") as f:
     run = json.load(f)
   status = {}
@@ -174,18 +161,14 @@ def read_run(workdir: str) -> Optional[dict[str, Any]]:
     with open(os.path.join(workdir, "status.json"), encoding="utf-8") as f:
       status = json.load(f)
   from transformer import config as config_lib  # pylint: disable=g-import-not-at-top
-  cwd = os.getcwd()
-  os.chdir(REPO)
-  try:
-    cfg = config_lib.from_args(run["flags"])
-  finally:
-    os.chdir(cwd)
+  from transformer.train import count_params  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.from_args(run["flags"], cwd=REPO)
   flags = [f for f in run["flags"] if not f.startswith(("--tfds_data_dir=", "--vocab_path=",
                                                         "--raw_data_dir="))]
   return {"name": os.path.basename(os.path.normpath(workdir)), "step": ev["step"],
           "ppl": ev["test_perplexity"], "dev_nll": ev["test_nll"], "bleu": ev["sacrebleu"],
           "bleu_tok": ev["bleu_tok_compound_split"], "train_nll": train_nll,
-          "params": count_parameters(cfg.model), "overrides": run.get("overrides", {}),
+          "params": count_params(cfg.model), "overrides": run.get("overrides", {}),
           "flags": flags, "curve": curve,
           "seconds": {k: v["seconds"] for k, v in status.get("steps", {}).items()}}
 

@@ -1,11 +1,15 @@
-"""Orbax checkpoints: save/restore continues identically; averaging is the parameter mean."""
+"""Orbax checkpoints: save/restore continues identically; averaging is the parameter mean;
+damaged checkpoints are set aside; a checkpoint restores only into a compatible run."""
+
+import dataclasses
+import os
 
 import jax
 import numpy as np
 import pytest
 
 from transformer import checkpoints, sharding
-from transformer.config import ModelConfig, TrainConfig
+from transformer.config import Config, ConfigError, ModelConfig, TrainConfig
 from transformer.train import Trainer
 
 CFG = ModelConfig(vocab_size=40, d_model=16, d_ff=32, num_heads=2, num_encoder_layers=1,
@@ -38,7 +42,7 @@ def test_save_restore_next_step_identical(tmp_path):
   # A fresh process would build a new Trainer and restore from disk.
   tr2 = _trainer()
   ckpt2 = checkpoints.Checkpointer(str(tmp_path / "ckpt"), keep=3)
-  assert ckpt2.latest_step() == 3
+  assert ckpt2.steps() == [3]
   restored, data_state, config = ckpt2.restore(3, tr2.abstract_state)
   assert data_state == {"next_index": 3} and config == {"note": "x"}
   assert int(restored.step) == 3
@@ -90,3 +94,79 @@ def test_averaging_no_steps_is_a_checkpoint_error(tmp_path):
     checkpoints.average_checkpoints(ckpt, [], tr.abstract_state)
   ckpt.close()
   assert checkpoints.select_average_steps([], 5) == []
+
+
+def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_restored(tmp_path):
+  tr = _trainer()
+  state = tr.init_state(0)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"), keep=3)
+  for i in (1, 2):
+    ckpt.save(i, state, {"next_index": i}, {})
+    ckpt.wait()
+  files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "ckpt" / "2") for f in fs]
+  biggest = max(files, key=os.path.getsize)  # the array data of step 2
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 3)
+  step, (restored, data_state, _) = ckpt.restore_latest_good(tr.abstract_state)
+  assert (step, data_state) == (1, {"next_index": 1}) and jax.tree.leaves(restored.params)
+  assert ckpt.steps() == [1] and (tmp_path / "ckpt" / "2.damaged").is_dir()
+  ckpt.close()
+  empty = checkpoints.Checkpointer(str(tmp_path / "empty"), keep=3)
+  assert empty.restore_latest_good(tr.abstract_state) == (None, None)
+  empty.close()
+
+
+class _Vocab:
+  """Stands in for the Tokenizer: a path, a size and a fingerprint."""
+  path, vocab_size = "/w/spm.model", 40
+
+  def __init__(self, sha="a" * 64):
+    self.sha = sha
+
+  def fingerprint(self):
+    return self.sha
+
+
+def _check(saved, model_cfg, vocab=None):
+  cfg = Config(model=CFG)
+  checkpoints.check_compatible(saved, cfg, model_cfg, vocab or _Vocab(), "checkpoint 4")
+
+
+def test_resume_with_another_vocabulary_is_refused():
+  saved = checkpoints.saved_config(Config(model=CFG), CFG, _Vocab())
+  assert saved["vocabulary"] == {"requested_size": 40, "size": 40, "sha256": "a" * 64}
+  _check(saved, CFG)  # the same vocabulary: fine
+  with pytest.raises(ConfigError,
+                     match="checkpoint 4 was trained with another vocabulary than /w/spm.model"):
+    _check(saved, CFG, _Vocab("b" * 64))
+  other = dict(saved, vocabulary=dict(saved["vocabulary"], requested_size=50))
+  with pytest.raises(ConfigError, match="checkpoint 4 was written with vocab_size=50 but this"
+                     " run has vocab_size=40"):
+    _check(other, CFG)
+
+
+@pytest.mark.parametrize("field,value,ok", [
+    ("d_model", 32, False), ("num_heads", 4, False), ("d_k", 4, False), ("max_len", 64, False),
+    ("positional_encoding", "learned", False), ("share_embeddings", False, False),
+    ("pre_layer_norm", True, False), ("param_dtype", "bfloat16", False),
+    ("scan_layers", True, False),
+    # Not part of the parameters' shapes or layout: a run may change them on resume.
+    ("dropout_rate", 0.3, True), ("dtype", "bfloat16", True), ("attention_impl", "einsum", True),
+    ("remat", True, True)])
+def test_model_fields_that_must_match(field, value, ok):
+  saved = checkpoints.saved_config(Config(model=CFG), CFG, _Vocab())
+  mine = dataclasses.replace(CFG, **{field: value})
+  if ok:
+    _check(saved, mine)
+  else:
+    with pytest.raises(ConfigError, match=f"checkpoint 4 was written with {field}="
+                       f"{getattr(CFG, field)} but this run has {field}={value}; use a new"):
+      _check(saved, mine)
+
+
+def test_a_field_missing_from_an_older_checkpoint_had_its_default():
+  saved = checkpoints.saved_config(Config(model=CFG), CFG, _Vocab())
+  del saved["model"]["scan_layers"]
+  _check(saved, CFG)
+  with pytest.raises(ConfigError, match="scan_layers=None but this run has scan_layers=True"):
+    _check(saved, dataclasses.replace(CFG, scan_layers=True))

@@ -1,5 +1,6 @@
 """Flag files -> frozen config; parameter counts of the paper's models against closed forms."""
 
+import dataclasses
 import glob
 import os
 
@@ -75,10 +76,32 @@ def test_table2_recipe_values():
     # from_flags
     (["--task=summarization"], "--task must be translation or parsing, got 'summarization'"),
     (["--tokens_per_batch=0"], "--tokens_per_batch must be positive, got 0"),
+    (["--eval_tokens_per_batch=0"], "--eval_tokens_per_batch must be positive, got 0"),
+    (["--decode_tokens_per_batch=-8"], "--decode_tokens_per_batch must be positive, got -8"),
+    (["--non_utf8=ignore"], r"--non_utf8 must be one of \('replace', 'skip'\)"),
 ])
 def test_invalid_values_are_rejected(args, message):
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.from_args(args)
+
+
+def test_flags_are_the_fields_with_their_help():
+  fv = config_lib.flags.FlagValues()
+  config_lib.define_flags(fv)
+  fields = {f.name: f for _, cls in config_lib._SECTIONS for f in dataclasses.fields(cls)}
+  assert "decode" not in fv  # set by the code, not a flag
+  assert set(fv) == set(fields) - {"decode"}
+  assert fv["d_ff"].help == "Inner FFN width d_ff." and fv["d_ff"].default == 2048
+  for name in fv:
+    assert fv[name].help == fields[name].metadata["help"] and fv[name].default == fields[name].default
+
+
+def test_fields_a_checkpoint_must_share():
+  """Shapes, layouts and parameter dtype; not dropout, compute dtype or attention kernel."""
+  assert set(config_lib.must_match_fields()) == {
+      "vocab_size", "target_vocab_size", "num_encoder_layers", "num_decoder_layers", "d_model",
+      "d_ff", "num_heads", "d_k", "d_v", "positional_encoding", "max_len", "share_embeddings",
+      "pre_layer_norm", "param_dtype", "scan_layers"}
 
 
 def test_d_k_d_v_override_divisibility():

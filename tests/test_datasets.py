@@ -85,11 +85,18 @@ def test_different_corpora_do_not_collide(small_corpus, tmp_path):
   assert (len(a), len(b)) == (200, 30)
 
 
+def _read_parallel_files(src_path, tgt_path, non_utf8="replace"):
+  """All (line number, source, target) triples of iter_parallel_files and its counts."""
+  counts = {}
+  triples = list(datasets.iter_parallel_files(src_path, tgt_path, non_utf8, counts))
+  return triples, counts
+
+
 def test_mismatched_line_counts(tmp_path):
   _write_lines(tmp_path / "c.en", ["one", "two", "three"])
   _write_lines(tmp_path / "c.de", ["eins", "zwei"])
   with pytest.raises(ValueError) as e:
-    datasets.read_parallel_files(str(tmp_path / "c.en"), str(tmp_path / "c.de"))
+    _read_parallel_files(str(tmp_path / "c.en"), str(tmp_path / "c.de"))
   msg = str(e.value)
   assert str(tmp_path / "c.en") in msg and str(tmp_path / "c.de") in msg
   assert "3" in msg and "2" in msg and "\n" not in msg
@@ -125,19 +132,19 @@ def test_non_utf8_policies(tmp_path):
   (tmp_path / "x.de").write_bytes(b"\r\n".join(de))  # CRLF, no final newline
   src, tgt = str(tmp_path / "x.en"), str(tmp_path / "x.de")
 
-  triples, counts = datasets.read_parallel_files(src, tgt, "replace")
+  triples, counts = _read_parallel_files(src, tgt, "replace")
   assert counts == {"lines": 4, "kept": 4, "replaced": 2, "skipped": 0}
   assert [t[0] for t in triples] == [0, 1, 2, 3]
   assert triples[1][1] == "bad \ufffd\ufffd here" and triples[1][2] == "schlecht"
   assert triples[2][2] == "ok \ufffd("
   assert triples[3] == (3, "also fine", "auch gut")
 
-  triples, counts = datasets.read_parallel_files(src, tgt, "skip")
+  triples, counts = _read_parallel_files(src, tgt, "skip")
   assert counts == {"lines": 4, "kept": 2, "replaced": 0, "skipped": 2}
   assert triples == [(0, "good one", "gut eins"), (3, "also fine", "auch gut")]
 
   with pytest.raises(ValueError, match="non_utf8"):
-    datasets.read_parallel_files(src, tgt, "ignore")
+    _read_parallel_files(src, tgt, "ignore")
 
   # Through TFDS: skipped pairs keep their original line numbers as ids.
   for policy, n in (("replace", 4), ("skip", 2)):

@@ -200,16 +200,21 @@ def test_perplexity():
     evaluate.perplexity(1.0, 0)
 
 
+def _read_lines(path):
+  """The lines of a file `write_lines` wrote (each ends with '\n')."""
+  return path.read_bytes().decode('utf-8').split('\n')[:-1]
+
+
 def test_write_read_lines_roundtrip(tmp_path):
   path = tmp_path / 'sub' / 'hyps.de'
   lines = ['Ein Mann schläft.', '', '  leading space', 'ä ß €', 'last']
   evaluate.write_lines(path, lines)
   assert path.read_bytes() == ('\n'.join(lines) + '\n').encode('utf-8')
-  assert evaluate.read_lines(path) == lines
+  assert _read_lines(path) == lines
   evaluate.write_lines(path, ['x'])  # overwrite
-  assert evaluate.read_lines(path) == ['x']
+  assert _read_lines(path) == ['x']
   evaluate.write_lines(path, [])
-  assert evaluate.read_lines(path) == []
+  assert _read_lines(path) == []
   assert sorted(p.name for p in path.parent.iterdir()) == ['hyps.de']
 
 
@@ -218,7 +223,7 @@ def test_write_lines_rejects_newline_and_keeps_old_file(tmp_path):
   evaluate.write_lines(path, ['old'])
   with pytest.raises(ValueError):
     evaluate.write_lines(path, ['ok', 'bad\nline'])
-  assert evaluate.read_lines(path) == ['old']
+  assert _read_lines(path) == ['old']
   assert [p.name for p in tmp_path.iterdir()] == ['hyps.txt']
 
 

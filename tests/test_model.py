@@ -12,6 +12,7 @@ import pytest
 from transformer import model as model_lib
 from transformer.config import ModelConfig
 from transformer.model import Transformer
+from transformer.train import count_params
 
 TINY = ModelConfig(vocab_size=50, d_model=32, d_ff=64, num_heads=4, num_encoder_layers=2,
                    num_decoder_layers=2, max_len=64)
@@ -179,7 +180,7 @@ def closed_form_params(V, N, d, h, d_k, d_v, d_ff):
 
 
 def count_shapes(cfg):
-  return model_lib.count_parameters(cfg)
+  return count_params(cfg)
 
 
 def test_param_count_matches_closed_form_for_odd_shapes():

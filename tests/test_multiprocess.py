@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
+
+from tests import processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = "data:2,fsdp:2,tensor:2"
@@ -92,25 +93,11 @@ def _worker(process_id: int, num_processes: int, port: int) -> None:
 # The test
 # ----------------------------------------------------------------------------
 
-def _free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLURM_", "TPU_", "JAX_COORDINATOR", "OMPI_"))}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
-  return env
-
-
 def _start(process_id: int, num_processes: int, port: int, devices: int, log) -> subprocess.Popen:
-  with open(log, "w", encoding="utf-8") as f:  # a file, not a pipe: nobody reads until the end
-    return subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), str(process_id), str(num_processes),
-         str(port)], cwd=REPO, env=_env(devices), stdout=f, stderr=subprocess.STDOUT)
+  env = processes.environment(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                              PYTHONUNBUFFERED="1")
+  return processes.start([sys.executable, os.path.abspath(__file__), str(process_id),
+                          str(num_processes), str(port)], log, env)
 
 
 def _result(proc: subprocess.Popen, output: str) -> dict:
@@ -121,23 +108,12 @@ def _result(proc: subprocess.Popen, output: str) -> dict:
 
 
 def test_two_processes_match_one_process(tmp_path):
-  port = _free_port()
+  port = processes.free_port()
   t0 = time.time()
   logs = [tmp_path / name for name in ("worker0.log", "worker1.log", "reference.log")]
   procs = [_start(0, 2, port, 4, logs[0]), _start(1, 2, port, 4, logs[1]),
            _start(0, 1, 0, 8, logs[2])]
-  try:
-    # If one process dies, the other worker would wait for it until jax.distributed's timeout:
-    # stop everything at the first failure instead.
-    while any(p.poll() is None for p in procs) and time.time() - t0 < 240:
-      if any(p.poll() not in (None, 0) for p in procs):
-        break
-      time.sleep(0.5)
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+  processes.wait_all(procs, timeout=240)
   outputs = [log.read_text(encoding="utf-8", errors="replace") for log in logs]
   w0, w1, ref = (_result(p, o) for p, o in zip(procs, outputs))
   seconds = time.time() - t0

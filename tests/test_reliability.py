@@ -28,14 +28,14 @@ def _env():
   return env
 
 
-def _cmd(workdir, data_dir, *args):
-  return [sys.executable, "-m", "transformer.main", *TINY, f"--raw_data_dir={data_dir}",
+def _cmd(workdir, data_dir, *args, program=("transformer.main",)):
+  return [sys.executable, "-m", *program, *TINY, f"--raw_data_dir={data_dir}",
           f"--workdir={workdir}", *args]
 
 
-def _main(workdir, data_dir, *args, stdin=None):
-  return subprocess.run(_cmd(workdir, data_dir, *args), cwd=REPO, env=_env(), input=stdin,
-                        capture_output=True, text=True, timeout=600)
+def _main(workdir, data_dir, *args, stdin=None, program=("transformer.main",)):
+  return subprocess.run(_cmd(workdir, data_dir, *args, program=program), cwd=REPO, env=_env(),
+                        input=stdin, capture_output=True, text=True, timeout=600)
 
 
 def _snapshot(path):
@@ -145,15 +145,18 @@ def test_truncated_latest_checkpoint_falls_back(tmp_path, multi30k_dir):
 
 def test_nan_is_skipped_or_stops(tmp_path, multi30k_dir):
   workdir = tmp_path / "skip"
-  r = _main(workdir, multi30k_dir, "--num_train_steps=6", "--debug_nan_step=3",
-            "--nonfinite=skip")
+  r = _main(workdir, multi30k_dir, "--num_train_steps=6", "--nonfinite=skip",
+            program=("tests.nan_main", "3"))
   assert r.returncode == 0, r.stderr[-3000:]
   assert "step 3: non-finite loss/gradient, update skipped (1 so far)" in r.stderr
   workdir = tmp_path / "stop"
-  r = _main(workdir, multi30k_dir, "--num_train_steps=12", "--debug_nan_step=6")
+  r = _main(workdir, multi30k_dir, "--num_train_steps=12", program=("tests.nan_main", "6"))
   assert r.returncode == 2
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith("error: non-finite loss/gradient at step 6") and "kept" in last, last
+  # NaN parameters: every gradient tensor is NaN. One layer per stack, post-LN: encoder 4
+  # projections + 2 LayerNorms x 2 + FFN 4 = 12, decoder 8 + 3 x 2 + 4 = 18, embedding 1.
+  assert "non-finite gradients in 31 tensors, e.g. decoder/layer_0/cross_attention/" in last, last
   steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert steps == [4]  # the last good checkpoint, nothing written after the NaN
 

@@ -38,14 +38,6 @@ def _saved(setup, sha):
   return d
 
 
-def test_resume_with_another_vocabulary_is_refused(tmp_path):
-  s = _setup(tmp_path)
-  run._check_same_model(_saved(s, "a" * 64), s, "checkpoint 4")  # the same vocabulary: fine
-  with pytest.raises(config_lib.ConfigError,
-                     match="checkpoint 4 was trained with another vocabulary than /w/spm.model"):
-    run._check_same_model(_saved(s, "b" * 64), s, "checkpoint 4")
-
-
 def test_checkpoint_flag_names_a_saved_step(tmp_path):
   s = _setup(tmp_path)
   ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), keep=3)

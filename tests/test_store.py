@@ -9,14 +9,13 @@ import os
 import re
 import signal
 import shutil
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
+from tests import processes
 from transformer import config as config_lib
 from transformer.config import EOS_ID, PAD_ID, ConfigError
 from transformer.data import pipeline, store, tokenizer as tokenizer_lib
@@ -290,10 +289,7 @@ def _prepare_cmd(workdir, data_dir, *extra):
 
 
 def _env(**extra):
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLURM_", "TPU_", "JAX_COORDINATOR", "OMPI_"))}
-  env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", **extra)
-  return env
+  return processes.environment(**extra)
 
 
 def test_prepare_twice_then_errors(tmp_path, multi30k_dir):
@@ -339,34 +335,17 @@ def test_prepare_twice_then_errors(tmp_path, multi30k_dir):
     config_lib.from_args(["--tokenize_workers=-1"])
 
 
-def _free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_prepare_on_two_processes_builds_once(tmp_path, multi30k_dir):
   """Two jax.distributed processes on 127.0.0.1: the chief prepares, the other waits, reads."""
-  workdir, port = tmp_path / "run", _free_port()
-  procs, logs = [], [tmp_path / f"p{i}.log" for i in range(2)]
-  for i in range(2):
-    with open(logs[i], "w", encoding="utf-8") as f:
-      procs.append(subprocess.Popen(
-          _prepare_cmd(workdir, multi30k_dir, f"--coordinator_address=127.0.0.1:{port}",
-                       "--num_processes=2", f"--process_id={i}", "--mesh=data:-1"),
-          cwd=REPO, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=1"),
-          stdout=f, stderr=subprocess.STDOUT))
-  t0 = time.time()
-  try:
-    while any(p.poll() is None for p in procs) and time.time() - t0 < 240:
-      if any(p.poll() not in (None, 0) for p in procs):
-        break
-      time.sleep(0.5)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+  workdir, port = tmp_path / "run", processes.free_port()
+  logs = [tmp_path / f"p{i}.log" for i in range(2)]
+  env = processes.environment(XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs = [processes.start(_prepare_cmd(workdir, multi30k_dir,
+                                        f"--coordinator_address=127.0.0.1:{port}",
+                                        "--num_processes=2", f"--process_id={i}", "--mesh=data:-1"),
+                           logs[i], env)
+           for i in range(2)]
+  processes.wait_all(procs, timeout=240)
   out = [log.read_text(encoding="utf-8", errors="replace") for log in logs]
   assert [p.returncode for p in procs] == [0, 0], out[0][-3000:] + out[1][-3000:]
   assert out[0].count("(now):") == 4 and "tokenized train[:1500]" in out[0]

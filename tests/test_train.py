@@ -244,3 +244,54 @@ def test_three_adam_steps_through_the_train_step_by_hand():
     np.testing.assert_allclose(np.asarray(state.params["t"], np.float64) - t, want, rtol=1e-3,
                                atol=1e-3 * np.abs(want).max(), err_msg=f"t after step {k}")
     w, t = np.asarray(state.params["w"], np.float64), np.asarray(state.params["t"], np.float64)
+
+
+def test_skipped_nonfinite_step_and_the_tensors_it_names():
+  """A step on NaN parameters with skip_nonfinite: finite is False, parameters and optimizer
+  state are unchanged, and every gradient tensor's squared norm is NaN. A finite step's
+  squared norms are the hand gradients' (see the test above), their sum the squared norm."""
+  V, eps_ls = 5, 0.1
+  model, mcfg, tcfg = _Unigram(V), ModelConfig(d_model=512), TrainConfig()
+  params = model.init(jax.random.PRNGKey(0), None, jnp.zeros((1, 1), jnp.int32))["params"]
+  optimizer = train.make_optimizer(mcfg, tcfg)
+  step_fn = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer,
+                                      label_smoothing=eps_ls, skip_nonfinite=True))
+  targets = jnp.asarray([[1, 2, 2, PAD_ID]])
+  batch = {"inputs": targets, "targets": targets}
+
+  state = train.TrainState(step=jnp.array(0, jnp.int32), params=params,
+                           opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1))
+  _, m = step_fn(state, batch)
+  w = np.asarray(params["w"], np.float64)
+  p = np.exp(w - w.max()) / np.exp(w - w.max()).sum()
+  g_w = np.zeros(V)
+  for y in (1, 2, 2):
+    q = np.full(V, eps_ls / (V - 1))
+    q[y] = 1 - eps_ls
+    g_w += (p - q) / 3
+  want = [np.sum((1e-8 * g_w) ** 2), np.sum(g_w ** 2)]  # leaves in key order: t, w
+  np.testing.assert_allclose(np.asarray(m["grad_sq_norms"]), want, rtol=1e-4)
+  np.testing.assert_allclose(float(m["grad_norm"]) ** 2, sum(want), rtol=1e-4)
+  assert bool(m["finite"])
+
+  nan_params = {"t": params["t"], "w": params["w"] * jnp.nan}
+  state = train.TrainState(step=jnp.array(0, jnp.int32), params=nan_params,
+                           opt_state=optimizer.init(nan_params), rng=jax.random.PRNGKey(1))
+  before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+  new, m = step_fn(state, batch)
+  assert not bool(m["finite"]) and int(new.step) == 1
+  assert np.isnan(np.asarray(m["grad_sq_norms"])).all()
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((new.params, new.opt_state))):
+    np.testing.assert_array_equal(a, np.asarray(b))  # NaNs compare equal here
+
+
+def test_trainer_names_the_nonfinite_gradient_tensors():
+  cfg = ModelConfig(vocab_size=40, d_model=16, d_ff=32, num_heads=2, num_encoder_layers=1,
+                    num_decoder_layers=1)
+  trainer = train.Trainer(cfg, TrainConfig(), sharding.make_mesh("data:1", jax.devices()[:1]))
+  n = len(jax.tree.leaves(trainer.abstract_state.params))
+  sq = np.ones(n, np.float32)
+  assert trainer.nonfinite_tensors({"grad_sq_norms": sq}) == []
+  sq[0], sq[-1] = np.nan, np.inf  # leaves sort by path: decoder/... first, the embedding last
+  assert trainer.nonfinite_tensors({"grad_sq_norms": sq}) == [
+      "decoder/layer_0/cross_attention/key", "shared_embedding/embedding"]

@@ -117,7 +117,6 @@ def test_tree_api():
   t = treebank.parse_tree("(S (NP (NNP John)) (VP (VBZ runs)) (. .))")
   assert t.leaves() == ["John", "runs", "."]
   assert t.tags() == ["NNP", "VBZ", "."]
-  assert t.num_phrases() == 3
   assert str(t) == "(S (NP (NNP John)) (VP (VBZ runs)) (. .))"
   assert t == Tree("S", (Tree("NP", (Tree("NNP", word="John"),)),
                          Tree("VP", (Tree("VBZ", word="runs"),)), Tree(".", word=".")))
@@ -126,7 +125,7 @@ def test_tree_api():
   # Deep trees need no recursion.
   deep = "(X " * 3000 + "(NN w)" + ")" * 3000
   d = treebank.parse_tree(deep)
-  assert d.leaves() == ["w"] and d.num_phrases() == 3000
+  assert d.leaves() == ["w"]
   assert d.to_string() == deep
 
 

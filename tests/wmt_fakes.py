@@ -142,25 +142,19 @@ def make_fakes(lines: int = 4) -> Fakes:
       for subset in subsets:
         fx, en = pair(subset, xx, split)
         url = SUBSET_URL[subset]
-        if subset == "europarl_v7":
-          members[url][f"training/europarl-v7.{xx}-en.{xx}"] = _text(fx)
-          members[url][f"training/europarl-v7.{xx}-en.en"] = _text(en)
-        elif subset == "commoncrawl":
-          members[url][f"commoncrawl.{xx}-en.{xx}"] = _text(fx)
-          members[url][f"commoncrawl.{xx}-en.en"] = _text(en)
+        # Plain text files in the archive: '<stem>.<lang>' for lang in (xx, en).
+        stem = {"europarl_v7": f"training/europarl-v7.{xx}-en",
+                "commoncrawl": f"commoncrawl.{xx}-en",
+                "newscommentary_v9": f"training/news-commentary-v9.{xx}-en",
+                "multiun": f"un/undoc.2000.{xx}-en",
+                "newstest2013": "dev/newstest2013"}.get(subset)  # the same English for both
+        if stem is not None:
+          members[url][f"{stem}.{xx}"], members[url][f"{stem}.en"] = _text(fx), _text(en)
+        if subset == "commoncrawl":
           members[url][f"commoncrawl.{xx}-en.annotation"] = _text(["x"] * lines)
-        elif subset == "newscommentary_v9":
-          members[url][f"training/news-commentary-v9.{xx}-en.{xx}"] = _text(fx)
-          members[url][f"training/news-commentary-v9.{xx}-en.en"] = _text(en)
-        elif subset == "multiun":
-          members[url][f"un/undoc.2000.{xx}-en.{xx}"] = _text(fx)
-          members[url][f"un/undoc.2000.{xx}-en.en"] = _text(en)
         elif subset == "gigafren":
           members[url]["giga-fren.release2.fixed.fr.gz"] = _gzip(_text(fx))
           members[url]["giga-fren.release2.fixed.en.gz"] = _gzip(_text(en))
-        elif subset == "newstest2013":
-          members[url][f"dev/newstest2013.{xx}"] = _text(fx)
-          members[url]["dev/newstest2013.en"] = _text(en)  # the same English for both
         elif subset == "newstest2014":
           name = f"dev/newstest2014-{xx}en"
           members[url][f"{name}-src.{xx}.sgm"] = _sgm("newstest2014", xx, fx, "d1")

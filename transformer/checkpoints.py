@@ -4,18 +4,24 @@ Layout of a workdir:
   checkpoints/<step>/{state,data,config}   saved every K steps, the last N kept
   averaged/<step>/{state,data,config}      mean parameters of the last n checkpoints
 Restores go through abstract targets with shardings, so a checkpoint written on one
-mesh restores onto any other mesh (or one device).
+mesh restores onto any other mesh (or one device). A checkpoint restores only into a run
+with the same vocabulary and the same values of the model fields marked
+`restore="must_match"` in transformer/config.py (`check_compatible`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
+
+from transformer.config import Config, ConfigError, ModelConfig, must_match_fields
 
 ITEMS = ("state", "data", "config")
 
@@ -36,16 +42,12 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def latest_step(self) -> Optional[int]:
-    return self.manager.latest_step()
-
-  def save(self, step: int, state: Any, data_state: Optional[dict], config: dict,
-           force: bool = True) -> bool:
+  def save(self, step: int, state: Any, data_state: Optional[dict], config: dict) -> bool:
     """Starts an async save of `step`; `wait()` blocks until it is on disk."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state or {}),
                               config=ocp.args.JsonSave(config))
-    return self.manager.save(step, args=args, force=force)
+    return self.manager.save(step, args=args, force=True)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -61,6 +63,20 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return restored.config
 
+  def restore_latest_good(self, abstract_state: Any
+                          ) -> tuple[Optional[int], Optional[tuple[Any, dict, dict]]]:
+    """(step, (state, data_state, config)) of the newest checkpoint that reads back, or
+    (None, None); damaged ones are moved aside (`set_aside`), not deleted."""
+    for step in reversed(self.steps()):
+      try:
+        return step, self.restore(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except  (any read failure = damaged)
+        aside = self.set_aside(step)
+        logging.warning("checkpoint %d is damaged (%s: %s); moved to %s, trying the previous one",
+                        step, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "",
+                        aside)
+    return None, None
+
   def set_aside(self, step: int) -> str:
     """Renames a damaged checkpoint to <step>.damaged[.n] (kept for inspection, never deleted)."""
     src = os.path.join(self.directory, str(step))
@@ -75,6 +91,50 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class Vocabulary(Protocol):
+  """What the compatibility check needs of a tokenizer."""
+  path: str
+  vocab_size: int
+
+  def fingerprint(self) -> str: ...
+
+
+def saved_config(cfg: Config, model_cfg: ModelConfig, vocab: Vocabulary) -> dict:
+  """The run's config as saved with each checkpoint: the actual model (its vocab_size is the
+  vocabulary's) and the vocabulary's requested size, size and fingerprint."""
+  d = json.loads(cfg.to_json())
+  d["model"] = dataclasses.asdict(model_cfg)
+  d["vocabulary"] = {"requested_size": cfg.model.vocab_size, "size": vocab.vocab_size,
+                     "sha256": vocab.fingerprint()}
+  return d
+
+
+def check_compatible(saved: dict, cfg: Config, model_cfg: ModelConfig, vocab: Vocabulary,
+                     where: str) -> None:
+  """Restoring into another architecture or vocabulary is a ConfigError, not a silent reshape.
+
+  `saved` is a checkpoint's `saved_config`; the model fields compared are those marked
+  restore="must_match" in ModelConfig. A field missing from an older checkpoint had its
+  default (e.g. scan_layers=False).
+  """
+  mine = dataclasses.asdict(model_cfg)
+  defaults = dataclasses.asdict(ModelConfig())
+  diff = [k for k in must_match_fields(ModelConfig)
+          if saved["model"].get(k, defaults[k]) != mine[k]]
+  saved_vocab = saved.get("vocabulary", {})
+  if saved_vocab and saved_vocab.get("requested_size") != cfg.model.vocab_size:
+    raise ConfigError(f"{where} was written with vocab_size={saved_vocab.get('requested_size')}"
+                      f" but this run has vocab_size={cfg.model.vocab_size}; use a new --workdir"
+                      " or the checkpoint's flags")
+  if saved_vocab and saved_vocab.get("sha256") != vocab.fingerprint():
+    raise ConfigError(f"{where} was trained with another vocabulary than {vocab.path};"
+                      " use the checkpoint's spm.model (--vocab_path) or a new --workdir")
+  if diff:
+    k = diff[0]
+    raise ConfigError(f"{where} was written with {k}={saved['model'].get(k)} but this run has"
+                      f" {k}={mine[k]}; use a new --workdir or the checkpoint's flags")
 
 
 def select_average_steps(steps: Sequence[int], num_average: int,

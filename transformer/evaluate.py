@@ -20,11 +20,12 @@ import functools
 import math
 import os
 import re
-import tempfile
 from typing import Iterable, Sequence
 
 from sacrebleu.metrics import BLEU
 from sacremoses import MosesTokenizer
+
+from transformer.io_utils import atomic_write
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,39 +136,13 @@ def perplexity(total_nll: float, num_tokens: int) -> float:
 
 
 def write_lines(path: str | os.PathLike, lines: Iterable[str]) -> None:
-  """Atomically writes one line per item, in order (temp file + os.replace)."""
-  path = os.fspath(path)
+  """Atomically writes one line per item, in order (see io_utils.atomic_write)."""
   lines = list(lines)
   for i, line in enumerate(lines):
     if '\n' in line or '\r' in line:
       raise ValueError(f'line {i} contains a newline: {line!r}')
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory,
-                             prefix='.' + os.path.basename(path) + '.',
-                             suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'w', encoding='utf-8', newline='\n') as f:
-      f.writelines(line + '\n' for line in lines)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except FileNotFoundError:
-      pass
-    raise
-
-
-def read_lines(path: str | os.PathLike) -> list[str]:
-  """Reads a UTF-8 file written by `write_lines` (one item per line)."""
-  with open(path, encoding='utf-8', newline='') as f:
-    text = f.read()
-  lines = text.split('\n')
-  if lines[-1] == '':
-    lines.pop()
-  return [l[:-1] if l.endswith('\r') else l for l in lines]
+  with atomic_write(path, 'w', encoding='utf-8', newline='\n') as f:
+    f.writelines(line + '\n' for line in lines)
 
 
 def bleu_report(hyps: Sequence[str], refs: Sequence[str],

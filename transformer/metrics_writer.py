@@ -11,7 +11,6 @@ import time
 from typing import Any, Optional
 
 
-
 class MetricsWriter:
   """Appends one JSON object per record to <workdir>/metrics.jsonl and mirrors scalars to TensorBoard."""
 
@@ -42,8 +41,18 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str, kind: Optional[str] = None) -> list[dict[str, Any]]:
-  """All records of <workdir>/metrics.jsonl (optionally of one kind), in order."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  with open(path, encoding="utf-8") as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  return [r for r in records if kind is None or r["kind"] == kind]
+  """The records of <workdir>/metrics.jsonl (optionally of one kind), in order.
+
+  A line that is not a whole record (the torn last line of a run being written, or of one
+  killed mid-write) is skipped.
+  """
+  records = []
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(record, dict) and "kind" in record and (kind is None or record["kind"] == kind):
+        records.append(record)
+  return records

@@ -633,11 +633,3 @@ class Transformer(nn.Module):
   def __call__(self, inputs: Array, targets: Array, deterministic: bool = True) -> Array:
     encoded = self.encode(inputs, deterministic)
     return self.decode(encoded, inputs, shift_right(targets), deterministic)
-
-
-def count_parameters(config: ModelConfig) -> int:
-  """Number of parameters of Transformer(config), from shapes only (nothing is allocated)."""
-  tokens = jnp.ones((1, 8), jnp.int32)
-  shapes = jax.eval_shape(lambda: Transformer(config).init(jax.random.PRNGKey(0), tokens,
-                                                           tokens))["params"]
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))

@@ -263,7 +263,6 @@ class TreeConstraint:
 @dataclasses.dataclass(frozen=True)
 class EvalbParams:
   """An EVALB parameter file (fields named after its keywords)."""
-  debug: int = 0
   max_error: int = 10
   cutoff_len: int = 40
   labeled: bool = True
@@ -277,7 +276,7 @@ class EvalbParams:
 # The contents of EVALB's COLLINS.prm (the standard WSJ setting);
 # tests check that load_evalb_params('COLLINS.prm') equals it.
 COLLINS_PARAMS = EvalbParams(
-    debug=0, max_error=10, cutoff_len=40, labeled=True,
+    max_error=10, cutoff_len=40, labeled=True,
     delete_labels=("TOP", "-NONE-", ",", ":", "``", "''", "."),
     delete_labels_for_length=("-NONE-",),
     eq_labels=(("ADVP", "PRT"),))
@@ -307,8 +306,9 @@ def load_evalb_params(path: Union[str, os.PathLike]) -> EvalbParams:
           number = int(value.split()[0])
         except ValueError as e:
           raise ValueError(f"{path}:{lineno}: {key} needs an integer, got {value!r}") from e
-        name = {"DEBUG": "debug", "MAX_ERROR": "max_error", "CUTOFF_LEN": "cutoff_len",
-                "LABELED": "labeled"}[key]
+        if key == "DEBUG":  # evalb's verbosity: nothing here prints evalb's listing
+          continue
+        name = {"MAX_ERROR": "max_error", "CUTOFF_LEN": "cutoff_len", "LABELED": "labeled"}[key]
         fields[name] = bool(number) if key == "LABELED" else number
       elif key == "DELETE_LABEL":
         fields["delete_labels"].append(value)

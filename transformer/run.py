@@ -119,35 +119,11 @@ def _chief_first(fn):
 
 
 def _saved_config(s: Setup) -> dict:
-  """The run's config as saved with each checkpoint: actual model + vocabulary fingerprint."""
-  d = json.loads(s.cfg.to_json())
-  d["model"] = dataclasses.asdict(s.model_cfg)
-  d["vocabulary"] = {"requested_size": s.cfg.model.vocab_size, "size": s.tokenizer.vocab_size,
-                     "sha256": s.tokenizer.fingerprint()}
-  return d
+  return checkpoints.saved_config(s.cfg, s.model_cfg, s.tokenizer)
 
 
 def _check_same_model(saved: dict, s: Setup, where: str) -> None:
-  """Resuming with another architecture or vocabulary is an error, not a silent reshape."""
-  mine = dataclasses.asdict(s.model_cfg)
-  keys = ("vocab_size", "target_vocab_size", "num_encoder_layers", "num_decoder_layers",
-          "d_model", "d_ff", "num_heads", "d_k", "d_v", "positional_encoding", "max_len",
-          "share_embeddings", "pre_layer_norm", "param_dtype", "scan_layers")
-  # A key missing from an older checkpoint had its default (e.g. scan_layers=False).
-  defaults = dataclasses.asdict(ModelConfig())
-  diff = [k for k in keys if saved["model"].get(k, defaults[k]) != mine.get(k)]
-  vocab = saved.get("vocabulary", {})
-  if vocab and vocab.get("requested_size") != s.cfg.model.vocab_size:
-    raise ConfigError(f"{where} was written with vocab_size={vocab.get('requested_size')} but this"
-                      f" run has vocab_size={s.cfg.model.vocab_size}; use a new --workdir or the"
-                      " checkpoint's flags")
-  if vocab and vocab.get("sha256") != s.tokenizer.fingerprint():
-    raise ConfigError(f"{where} was trained with another vocabulary than {s.tokenizer.path};"
-                      " use the checkpoint's spm.model (--vocab_path) or a new --workdir")
-  if diff:
-    k = diff[0]
-    raise ConfigError(f"{where} was written with {k}={saved['model'].get(k)} but this run has"
-                      f" {k}={mine.get(k)}; use a new --workdir or the checkpoint's flags")
+  checkpoints.check_compatible(saved, s.cfg, s.model_cfg, s.tokenizer, where)
 
 
 def _local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -399,18 +375,6 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _restore_latest_good(ckpt: checkpoints.Checkpointer, abstract_state):
-  """Restores the newest checkpoint that reads back; damaged ones are moved aside, not deleted."""
-  for step in reversed(ckpt.steps()):
-    try:
-      return step, ckpt.restore(step, abstract_state)
-    except Exception as e:  # pylint: disable=broad-except  (any read failure = damaged)
-      aside = ckpt.set_aside(step)
-      logging.warning("checkpoint %d is damaged (%s: %s); moved to %s, trying the previous one",
-                      step, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", aside)
-  return None, None
-
-
 def train(cfg: Config, workdir: str) -> dict[str, float]:
   """Trains to --num_train_steps, resuming from the newest good checkpoint in workdir.
 
@@ -457,7 +421,7 @@ def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
     bleu_examples = eval_examples[:n_decode]
   bleu_tok = pipeline.tokenize_split(bleu_examples, s.tokenizer) if bleu_examples else None
 
-  latest, restored = _restore_latest_good(ckpt, s.trainer.abstract_state)
+  latest, restored = ckpt.restore_latest_good(s.trainer.abstract_state)
   if restored is None:
     state = s.trainer.init_state(tcfg.seed)
     logging.info("initialised a new model")
@@ -491,7 +455,7 @@ def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
       bad_step = step - len(pending) // accum + i // accum + 1
       if not bool(m["finite"]):
         if tcfg.nonfinite == "stop":
-          tensors = sorted(k for k, bad in m["nonfinite_grads"].items() if bad)
+          tensors = s.trainer.nonfinite_tensors(m)
           raise NonFiniteError(
               f"non-finite loss/gradient at step {bad_step} (loss {float(m['loss_sum'])},"
               f" non-finite gradients in {len(tensors)} tensors, e.g. {', '.join(tensors[:3])});"

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -141,27 +143,26 @@ def loss_and_metrics(logits, targets, label_smoothing):
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                optimizer: optax.GradientTransformationExtraArgs, label_smoothing: float,
-               skip_nonfinite: bool = False, debug_nan_step: int = 0):
+               skip_nonfinite: bool = False):
   """One optimizer update on a batch {'inputs': [B, L], 'targets': [B, L]}.
 
   With skip_nonfinite, a step whose loss or gradients are not finite leaves the
-  parameters and optimizer state unchanged (metrics['finite'] tells). debug_nan_step
-  (1-based, 0 = never) poisons that step's loss, to exercise the non-finite paths.
+  parameters and optimizer state unchanged (metrics['finite'] tells).
+  metrics['grad_sq_norms'] is [num_tensors]: the squared norm of each gradient tensor in
+  `jax.tree.leaves` order (the terms of the gradient norm; `Trainer.nonfinite_tensors` names
+  the non-finite ones).
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
     logits = model.apply({"params": params}, batch["inputs"], batch["targets"],
                          deterministic=False, rngs={"dropout": dropout_rng})
-    loss, metrics = loss_and_metrics(logits, batch["targets"], label_smoothing)
-    if debug_nan_step:
-      loss = loss * jnp.where(state.step + 1 == debug_nan_step, jnp.nan, 1.0)
-      metrics["loss_sum"] = metrics["loss_sum"] * jnp.where(state.step + 1 == debug_nan_step,
-                                                            jnp.nan, 1.0)
-    return loss, metrics
+    return loss_and_metrics(logits, batch["targets"], label_smoothing)
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.tree.norm(grads)
+  # optax.tree.norm(grads), keeping its per-tensor terms.
+  sq_norms = jax.tree.map(lambda g: jnp.sum(jnp.square(g)), grads)
+  grad_norm = jnp.sqrt(jax.tree.reduce(operator.add, sq_norms, initializer=0))
   finite = jnp.isfinite(metrics["loss_sum"]) & jnp.isfinite(grad_norm)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
                                         tokens=metrics["tokens"])
@@ -171,10 +172,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                                      (params, opt_state), (state.params, state.opt_state))
   metrics["grad_norm"] = grad_norm
   metrics["finite"] = finite
-  # Which gradient tensors went non-finite (for the diagnostic when a run stops).
-  metrics["nonfinite_grads"] = {
-      "/".join(str(getattr(k, "key", k)) for k in path): ~jnp.all(jnp.isfinite(g))
-      for path, g in jax.tree_util.tree_leaves_with_path(grads)}
+  metrics["grad_sq_norms"] = jnp.stack(jax.tree.leaves(sq_norms))
   metrics["source_tokens"] = jnp.sum((batch["inputs"] != PAD_ID).astype(jnp.float32))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
@@ -208,8 +206,7 @@ class Trainer:
     self._train_step = jax.jit(
         functools.partial(train_step, model=self.model, optimizer=self.optimizer,
                           label_smoothing=self.train_cfg.label_smoothing,
-                          skip_nonfinite=self.train_cfg.nonfinite == "skip",
-                          debug_nan_step=self.train_cfg.debug_nan_step),
+                          skip_nonfinite=self.train_cfg.nonfinite == "skip"),
         in_shardings=(self.state_shardings, batch_sh),
         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
         donate_argnums=(0,))
@@ -218,6 +215,14 @@ class Trainer:
                           label_smoothing=self.train_cfg.label_smoothing),
         in_shardings=(self.state_shardings.params, batch_sh),
         out_shardings=sharding.replicated(self.mesh))
+
+  def nonfinite_tensors(self, metrics: dict[str, Any]) -> list[str]:
+    """Names ('encoder/layer_0/...') of the gradient tensors that were not finite in the
+    fetched metrics of one step: those whose squared norm is NaN or Inf."""
+    paths = jax.tree_util.tree_leaves_with_path(self.abstract_state.params)
+    names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in paths]
+    return sorted(n for n, sq in zip(names, np.asarray(metrics["grad_sq_norms"]))
+                  if not np.isfinite(sq))
 
   def _init_boxed(self, rng: jax.Array) -> TrainState:
     """Parameters (boxed with logical names) and optimizer state of a fresh model."""
@@ -251,5 +256,12 @@ class Trainer:
       return self._eval_step.lower(self.abstract_state.params, batch)
 
 
-def count_params(tree: Any) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(tree))
+def count_params(params_or_config: Any) -> int:
+  """Number of parameters: of a pytree of arrays (or ShapeDtypeStructs), or of
+  Transformer(config) for a ModelConfig, from shapes only (nothing is allocated)."""
+  tree = params_or_config
+  if isinstance(tree, ModelConfig):
+    tokens = jnp.ones((1, 8), jnp.int32)
+    tree = jax.eval_shape(lambda: Transformer(params_or_config).init(
+        jax.random.PRNGKey(0), tokens, tokens))["params"]
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))

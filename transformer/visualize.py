@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from transformer.io_utils import atomic_write
 from transformer.metrics_writer import read_metrics
 
 
@@ -80,8 +81,6 @@ def plot_attention(weights: Sequence[np.ndarray], queries: Sequence[str], keys: 
 
 
 def _save(fig, out_path: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  tmp = out_path + ".tmp.png"
-  fig.savefig(tmp)
+  with atomic_write(out_path) as f:
+    fig.savefig(f, format="png")
   plt.close(fig)
-  os.replace(tmp, out_path)

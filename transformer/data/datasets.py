@@ -117,14 +117,6 @@ def iter_parallel_files(src_path: str, tgt_path: str, non_utf8: str = "replace",
     counts.update(stats)
 
 
-def read_parallel_files(src_path: str, tgt_path: str, non_utf8: str = "replace"
-                        ) -> tuple[list[tuple[int, str, str]], dict[str, int]]:
-  """All (line number, source, target) triples and the decoding counts."""
-  counts: dict[str, int] = {}
-  triples = list(iter_parallel_files(src_path, tgt_path, non_utf8, counts))
-  return triples, counts
-
-
 # ----------------------------------------------------------------------------
 # TFDS builders.
 
@@ -384,8 +376,6 @@ def make_builder(data_cfg: DataConfig, data_dir: str) -> tfds.core.DatasetBuilde
   """The TFDS builder for `data_cfg.dataset` writing array_record to `data_dir`."""
   name = data_cfg.dataset
   if name == "multi30k":
-    if data_cfg.non_utf8 not in NON_UTF8_POLICIES:
-      raise DataError(f"--non_utf8 must be one of {NON_UTF8_POLICIES}")
     raw = data_cfg.raw_data_dir
     if raw and not os.path.isdir(raw):
       raise FileNotFoundError(f"--raw_data_dir not found: {raw}")
@@ -483,8 +473,6 @@ def get_split(data_cfg: DataConfig, split: str, data_dir: str) -> ParallelSplit:
   if data_cfg.dataset in treebank.DATASETS:  # section 6.3: parsing
     return treebank.get_parsing_split(data_cfg, split, data_dir)
   src, tgt = data_cfg.source_lang, data_cfg.target_lang
-  if src == tgt:
-    raise DataError(f"source_lang and target_lang must differ, both are {src!r}")
   builder = make_builder(data_cfg, data_dir)
   langs = _languages(builder)
   for lang in (src, tgt):

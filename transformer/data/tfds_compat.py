@@ -34,7 +34,7 @@ import os
 import shutil
 import threading
 import types
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 # TFDS modules whose `tf` attribute is replaced; every `tf.<name>` in their code
 # must be provided by `TF_SUBSET` (checked by `check_modules`).
@@ -186,31 +186,52 @@ def check_modules() -> list[types.ModuleType]:
   return modules
 
 
-_lock = threading.RLock()
-_depth = 0
-_saved: dict[str, object] = {}
+class ReentrantPatch:
+  """Module attributes replaced while any of several nested (or concurrent) blocks runs.
+
+  `patch()` runs when the outermost block is entered: it replaces the attributes and returns
+  [(module, attribute name, original value)]; those originals are put back when the
+  outermost block exits (also on error).
+  """
+
+  def __init__(self, patch: Callable[[], list[tuple[types.ModuleType, str, Any]]]):
+    self._patch = patch
+    self._lock = threading.RLock()
+    self._depth = 0
+    self._saved: list[tuple[types.ModuleType, str, Any]] = []
+
+  @contextlib.contextmanager
+  def __call__(self) -> Iterator[None]:
+    with self._lock:
+      if self._depth == 0:
+        self._saved = self._patch()
+      self._depth += 1
+    try:
+      yield
+    finally:
+      with self._lock:
+        self._depth -= 1
+        if self._depth == 0:
+          for module, name, original in self._saved:
+            setattr(module, name, original)
+          self._saved = []
 
 
-@contextlib.contextmanager
-def without_tensorflow() -> Iterator[None]:
+def _use_tf_subset() -> list[tuple[types.ModuleType, str, Any]]:
+  saved = []
+  for module in check_modules():
+    saved.append((module, "tf", module.tf))
+    module.tf = TF_SUBSET
+  return saved
+
+
+_without_tensorflow = ReentrantPatch(_use_tf_subset)
+
+
+def without_tensorflow() -> contextlib.AbstractContextManager[None]:
   """Within the block, TFDS's extractor, shuffler and downloader use `TF_SUBSET`.
 
   Re-entrant; the original attributes are restored when the outermost block
   exits (also on error).
   """
-  global _depth
-  with _lock:
-    if _depth == 0:
-      for module in check_modules():
-        _saved[module.__name__] = module.tf
-        module.tf = TF_SUBSET
-    _depth += 1
-  try:
-    yield
-  finally:
-    with _lock:
-      _depth -= 1
-      if _depth == 0:
-        for name, tf in _saved.items():
-          importlib.import_module(name).tf = tf
-        _saved.clear()
+  return _without_tensorflow()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import hashlib
 import os
-import tempfile
 from typing import Callable, Iterable, Optional, Sequence
 
 from absl import logging
@@ -19,6 +18,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from transformer.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from transformer.io_utils import atomic_write
 
 
 def _sample_sentences(sentences: Iterable[str], max_sentences: int,
@@ -40,19 +40,6 @@ def _sample_sentences(sentences: Iterable[str], max_sentences: int,
   logging.info("SentencePiece: sampled %d of %d non-empty sentences.",
                len(sample), seen)
   return sample
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  """Writes a temp file next to `path`, then renames it over `path`."""
-  fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=os.path.dirname(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def train_sentencepiece(sentences: Iterable[str], model_path: str,
@@ -101,8 +88,10 @@ def train_sentencepiece(sentences: Iterable[str], model_path: str,
   sp = spm.SentencePieceProcessor(model_proto=model_proto)
   vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n"
                   for i in range(sp.get_piece_size()))
-  _write_atomic(vocab_path, vocab.encode("utf-8"))
-  _write_atomic(model_path, model_proto)
+  with atomic_write(vocab_path) as f:
+    f.write(vocab.encode("utf-8"))
+  with atomic_write(model_path) as f:
+    f.write(model_proto)
   logging.info("SentencePiece: wrote %s", model_path)
 
 
@@ -183,10 +172,6 @@ class Tokenizer:
   def decode(self, ids) -> str:
     """Text of `ids` up to the first EOS; PAD and BOS are ignored."""
     return self._sp.decode(self._clean(ids))
-
-  def decode_batch(self, ids) -> list[str]:
-    """Decodes each row of `ids` ([batch, length] array or list of lists)."""
-    return self._sp.decode([self._clean(row) for row in ids])
 
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(i)

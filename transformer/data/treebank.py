@@ -129,10 +129,6 @@ class Tree:
         stack.append((True, node))
         stack.extend((False, c) for c in reversed(node.children))
 
-  def num_phrases(self) -> int:
-    """Number of non-preterminal nodes (the root included)."""
-    return sum(1 for kind, _ in self.events() if kind == "open")
-
   def to_string(self) -> str:
     """One-line PTB bracketing, e.g. `(S (NP (NNP Pierre)) (VP (VBZ is)) (. .))`."""
     parts: list[str] = []

@@ -19,8 +19,9 @@ import gzip
 import importlib
 import inspect
 import os
-import threading
 from typing import Iterator
+
+from transformer.data import tfds_compat
 
 _WMT_MODULE = "tensorflow_datasets.translate.wmt"
 _GLOB_CHARS = frozenset("*?[")
@@ -80,34 +81,23 @@ def parse_parallel_text(f1: str, f2: str, original=None):
     raise ValueError(f"Sizes do not match: {line_id} vs {line_id + rest} for {f1} vs {f2}.")
 
 
-_lock = threading.RLock()
-_depth = 0
-_saved = None
+def _use_streaming_parser() -> list:
+  wmt = importlib.import_module(_WMT_MODULE)
+  original = getattr(wmt, "_parse_parallel_sentences", None)
+  if original is None or list(inspect.signature(original).parameters) != ["f1", "f2"]:
+    raise RuntimeError(f"{_WMT_MODULE}._parse_parallel_sentences(f1, f2) not found;"
+                       " this TFDS version is not supported")
+
+  def parse(f1, f2):
+    return parse_parallel_text(f1, f2, original=original)
+
+  wmt._parse_parallel_sentences = parse  # pylint: disable=protected-access
+  return [(wmt, "_parse_parallel_sentences", original)]
 
 
-@contextlib.contextmanager
-def streaming_parser() -> Iterator[None]:
-  """Within the block, TFDS's WMT builders parse text files line by line."""
-  global _depth, _saved
-  with _lock:
-    if _depth == 0:
-      wmt = importlib.import_module(_WMT_MODULE)
-      original = getattr(wmt, "_parse_parallel_sentences", None)
-      if original is None or list(inspect.signature(original).parameters) != ["f1", "f2"]:
-        raise RuntimeError(f"{_WMT_MODULE}._parse_parallel_sentences(f1, f2) not found;"
-                           " this TFDS version is not supported")
-      _saved = original
+_streaming_parser = tfds_compat.ReentrantPatch(_use_streaming_parser)
 
-      def parse(f1, f2):
-        return parse_parallel_text(f1, f2, original=original)
 
-      wmt._parse_parallel_sentences = parse  # pylint: disable=protected-access
-    _depth += 1
-  try:
-    yield
-  finally:
-    with _lock:
-      _depth -= 1
-      if _depth == 0:
-        importlib.import_module(_WMT_MODULE)._parse_parallel_sentences = _saved  # pylint: disable=protected-access
-        _saved = None
+def streaming_parser() -> contextlib.AbstractContextManager[None]:
+  """Within the block, TFDS's WMT builders parse text files line by line (re-entrant)."""
+  return _streaming_parser()
