@@ -44,19 +44,13 @@ JOHN_TAGS = ["NNP", "VBZ", "DT", "NN", "."]
 
 
 # ----------------------------------------------------------------------------
-# Linearisation.
-
-
-def test_linearize():
-  assert parsing.linearize(parse_tree(JOHN)) == "(S (NP XX )NP (VP XX (NP XX XX )NP )VP XX )S"
-  t = parse_tree("(S (NP (-LRB- -LRB-) (NN x) (-RRB- -RRB-)) (VP (VB y)))")
-  assert parsing.linearize(t) == "(S (NP XX XX XX )NP (VP XX )VP )S"
+# De-linearisation.
 
 
 def test_round_trip_every_dev_tree(dev_trees):
   assert len(dev_trees) == 273
   for tree in dev_trees:
-    lin = parsing.linearize(tree)
+    lin = treebank.linearize(tree)
     assert lin.split().count("XX") == len(tree.leaves())
     back, repairs = parsing.delinearize(lin, tree.leaves(), tree.tags())
     assert repairs == 0
@@ -297,13 +291,13 @@ def test_errors_skips_and_cutoff():
 
 def _example(tree: str, i: int) -> dict:
   t = parse_tree(tree)
-  return {"source": " ".join(t.leaves()), "target": parsing.linearize(t), "id": i,
+  return {"source": " ".join(t.leaves()), "target": treebank.linearize(t), "id": i,
           "tree": tree}
 
 
 def test_parsing_report_and_write_trees(tmp_path):
   examples = [_example(PP_GOLD, 0), _example(CAT_GOLD, 1), _example(JOHN, 2)]
-  hyps = [parsing.linearize(parse_tree(PP_TEST)), parsing.linearize(parse_tree(CAT_TEST)),
+  hyps = [treebank.linearize(parse_tree(PP_TEST)), treebank.linearize(parse_tree(CAT_TEST)),
           "(S (NP XX )NP (VP XX (NP XX XX )NP )VP XX"]  # root left open: 1 repair
   report = parsing.parsing_report(hyps, examples)
   # Third sentence is exact after the repair: matched 9+4, gold 11+4, test 12+4.
@@ -332,8 +326,8 @@ def test_parsing_report_sentence_trees_only():
   # 'sentence_' scores; an example without 'root' is a sentence unless its gold root is one.
   examples = [dict(_example(PP_GOLD, 0), root="CAPTION"), dict(_example(CAT_GOLD, 1), root="S"),
               dict(_example(JOHN, 2), root="HEADING"), _example(JOHN, 3)]
-  hyps = [parsing.linearize(parse_tree(PP_TEST)), parsing.linearize(parse_tree(CAT_TEST)),
-          "(S (NP XX )NP (VP XX (NP XX XX )NP )VP XX", parsing.linearize(parse_tree(JOHN))]
+  hyps = [treebank.linearize(parse_tree(PP_TEST)), treebank.linearize(parse_tree(CAT_TEST)),
+          "(S (NP XX )NP (VP XX (NP XX XX )NP )VP XX", treebank.linearize(parse_tree(JOHN))]
   report = parsing.parsing_report(hyps, examples)
   # All four: PP 6 of 6 gold / 7 test, CAT 3 / 5 / 5, John twice 4 / 4 / 4.
   assert (report["matched_brackets"], report["gold_brackets"], report["test_brackets"]) == (

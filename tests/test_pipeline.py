@@ -230,17 +230,26 @@ def test_eval_batches_cover_all_and_restore_order(examples, tokenized):
 
 
 def test_padding_stats(tokenized):
+  def counted(batches):  # independent: PAD cells of the collated arrays
+    total = sum(b[k].size for b in batches for k in ("inputs", "targets"))
+    nonpad = sum(int((b[k] != PAD_ID).sum()) for b in batches for k in ("inputs", "targets"))
+    return {"batches": len(batches), "total_tokens": total, "non_pad_tokens": nonpad}
+
+  lengths, rows = pipeline.eval_batch_plan(tokenized, TOKENS, BOUNDARIES, 1)
+  stats = pipeline.padding_stats(lengths, rows, tokenized.source_lengths,
+                                 tokenized.target_lengths)
   batches = pipeline.make_eval_batches(tokenized, TOKENS, BOUNDARIES, 1)
-  total = sum(2 * b["inputs"].size for b in batches)
-  nonpad = int(tokenized.source_lengths.sum() + tokenized.target_lengths.sum())
-  stats = pipeline.padding_stats(batches)
-  assert stats["total_tokens"] == total and stats["non_pad_tokens"] == nonpad
-  assert stats["non_pad_fraction"] == pytest.approx(nonpad / total)
-  assert stats["padding_fraction"] == pytest.approx(1 - nonpad / total)
-  # The plan's own statistics match the collated batches of its epoch.
+  want = counted(batches)
+  assert want["non_pad_tokens"] == int(tokenized.source_lengths.sum()
+                                       + tokenized.target_lengths.sum())
+  assert {k: stats[k] for k in want} == want
+  assert stats["non_pad_fraction"] == pytest.approx(want["non_pad_tokens"] / want["total_tokens"])
+  assert stats["padding_fraction"] == pytest.approx(1 - stats["non_pad_fraction"])
+  # The train plan's statistics match the collated batches of its epoch (padding rows too).
   ds, plan = pipeline.make_train_dataset(tokenized, TOKENS, BOUNDARIES, 2, shuffle_seed=0)
-  epoch = [ds[i] for i in range(plan.batches_per_epoch)]
-  assert plan.padding_stats(0) == pipeline.padding_stats(epoch)
+  stats = plan.padding_stats(0)
+  want = counted([ds[i] for i in range(plan.batches_per_epoch)])
+  assert {k: stats[k] for k in want} == want
 
 
 def test_config_form_and_state_helpers(tokenized):

@@ -99,3 +99,43 @@ def test_directories_as_input_or_output_fail_before_any_work(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=f"--output {tmp_path} is a directory"):
     run.evaluate(config_lib.Config(), str(workdir), output=str(tmp_path))
   assert not list(workdir.iterdir())
+
+
+class _Records:
+  """Stands in for the MetricsWriter: keeps the records."""
+
+  def __init__(self):
+    self.records = []
+
+  def write(self, step, kind, metrics):
+    self.records.append((step, kind, dict(metrics)))
+
+
+def test_train_log_averages_the_window_and_skips_non_finite_steps(caplog):
+  """Two micro-batches per step; the window of steps 1-2 holds 4 micro-batches, one of them
+  (step 2's first) non-finite: it is skipped and counted, the others are summed by hand."""
+  tcfg = TrainConfig(grad_accum_steps=2, nonfinite="skip", num_train_steps=10)
+  s = types.SimpleNamespace(cfg=config_lib.Config(train=tcfg),
+                            trainer=types.SimpleNamespace(schedule=lambda step: 0.5 * step))
+  writer = _Records()
+  log = run._TrainLog(s, writer)  # pylint: disable=protected-access
+  micro = [(True, 4.0, 3.0, 2.0, 5.0), (True, 6.0, 5.0, 3.0, 1.0),
+           (False, float("nan"), float("nan"), 7.0, 7.0), (True, 2.0, 1.0, 1.0, 2.0)]
+  for finite, loss, nll, tokens, source in micro:
+    log.add({"finite": np.bool_(finite), "loss_sum": np.float32(loss), "nll_sum": np.float32(nll),
+             "tokens": np.float32(tokens), "source_tokens": np.float32(source)})
+  with caplog.at_level(std_logging.WARNING):
+    log.flush(2)
+  assert [r.getMessage() for r in caplog.records] == [
+      "step 2: non-finite loss/gradient, update skipped (1 so far)"]
+  line = log.write(2, {"grad_norm": np.float32(1.5)})
+  assert line["loss"] == pytest.approx((4 + 6 + 2) / (2 + 3 + 1))
+  assert line["nll"] == pytest.approx((3 + 5 + 1) / (2 + 3 + 1))
+  assert line["tokens_per_step"] == pytest.approx((6 + 8) / 1.5)  # 3 micro-batches = 1.5 steps
+  assert line["lr"] == 0.5 and line["grad_norm"] == 1.5 and line["skipped_steps"] == 1
+  assert writer.records == [(2, "train", line)]
+  # A new window starts empty.
+  log.add({"finite": np.bool_(True), "loss_sum": np.float32(1.0), "nll_sum": np.float32(1.0),
+           "tokens": np.float32(4.0), "source_tokens": np.float32(0.0)})
+  log.flush(3)
+  assert log.write(3, {"grad_norm": np.float32(0.0)})["loss"] == pytest.approx(0.25)

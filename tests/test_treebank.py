@@ -11,7 +11,6 @@ import sys
 
 import pytest
 
-from transformer import parsing
 from transformer.config import DataConfig
 from transformer.data import datasets, treebank
 from transformer.data.treebank import Tree
@@ -174,6 +173,14 @@ def test_sample_splits(sample_dir):
     assert n == expected[split]
 
 
+def test_linearize():
+  john = "(S (NP (NNP John)) (VP (VBZ has) (NP (DT a) (NN dog))) (. .))"
+  assert treebank.linearize(treebank.parse_tree(john)) == (
+      "(S (NP XX )NP (VP XX (NP XX XX )NP )VP XX )S")
+  t = treebank.parse_tree("(S (NP (-LRB- -LRB-) (NN x) (-RRB- -RRB-)) (VP (VB y)))")
+  assert treebank.linearize(t) == "(S (NP XX XX XX )NP (VP XX )VP )S"
+
+
 def test_sample_tfds_split(sample_dir, tmp_path):
   cfg = DataConfig(dataset="ptb_wsj_sample", raw_data_dir=str(sample_dir))
   data_dir = str(tmp_path / "tfds")
@@ -187,7 +194,7 @@ def test_sample_tfds_split(sample_dir, tmp_path):
   assert ex["tree"] == first_raw.to_string()
   assert ex["source"] == " ".join(first_raw.leaves())
   assert ex["source"].startswith("Savin Corp. reported a third-quarter net loss")
-  assert ex["target"] == parsing.linearize(first_raw)
+  assert ex["target"] == treebank.linearize(first_raw)
   assert ex["target"].startswith("(S (NP XX XX )NP (VP XX (NP (NP XX XX XX XX )NP")
   assert dev[-1]["tree"] == last_raw.to_string() and dev[-1]["id"] == 272
   assert [e["id"] for e in dev] == list(range(273))
@@ -229,7 +236,7 @@ def test_wsj_sections_layout_and_extra_trees(sample_dir, tmp_path):
   builder = treebank.PtbParsing(
       config=treebank.PtbParsingConfig.create("wsj_sections", [str(extra)]),
       data_dir=data_dir, raw_data_dir=str(raw), file_format="array_record")
-  treebank.prepare(builder)
+  datasets.prepare(builder)
   split = treebank.ParsingSplit(builder.as_data_source(split="train"))
   assert len(split) == n_train + 2
   assert split[n_train]["tree"] == "(S (NP (PRP It)) (VP (VBZ works)) (. .))"
@@ -325,7 +332,7 @@ def test_craft_directory_dataset(tmp_path):
       "train": ["a.tree", "b.tree"], "validation": ["c.tree"]}
   cfg = DataConfig(dataset="craft_treebank", raw_data_dir=str(raw), task="parsing")
   data_dir = str(tmp_path / "tfds")
-  train = datasets.get_split(cfg, "train", data_dir)
+  train = treebank.get_parsing_split(cfg, "train", data_dir)
   order = CRAFT_LINES[4:] + CRAFT_LINES[:4]
   assert [ex["tree"] for ex in train] == [want for _, want, _ in order]
   assert [ex["root"] for ex in train] == [root for _, _, root in order]
@@ -343,7 +350,7 @@ def test_craft_directory_dataset(tmp_path):
   direct = treebank.get_parsing_split(cfg, str(raw / "train"), "")
   assert [ex["tree"] for ex in direct] == [ex["tree"] for ex in train]
   assert [ex["id"] for ex in direct] == list(range(8))
-  part = datasets.get_split(cfg, str(raw / "train") + "[2:4]", data_dir)
+  part = treebank.get_parsing_split(cfg, str(raw / "train") + "[2:4]", data_dir)
   assert [(ex["id"], ex["root"]) for ex in part] == [(0, "CIT"), (1, "NP")]
   # The CRAFT train directory as extra training trees of another treebank.
   extra = DataConfig(dataset="craft_treebank", raw_data_dir=str(raw),

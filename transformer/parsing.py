@@ -8,9 +8,11 @@ POS-tagged word replaced by the placeholder `XX`, tokens separated by spaces:
     -> (S (NP XX )NP (VP XX (NP XX XX )NP )VP XX )S
 
 so a SentencePiece model trained on sentences + linearised trees learns the
-bracket tokens as pieces. `delinearize` turns any output sequence back into a
-tree over the sentence's words (repairing it if needed) and `evalb` scores
-trees like the EVALB program (Sekine & Collins 1997) with COLLINS.prm.
+bracket tokens as pieces. `treebank.linearize` writes the datasets' targets;
+`delinearize` turns any output sequence back into a tree over the sentence's
+words (repairing it if needed), `TreeConstraint` keeps the beam search to
+well-formed trees and `evalb` scores trees like the EVALB program (Sekine &
+Collins 1997) with COLLINS.prm.
 
 POS tags. The model predicts no tags; the de-linearised tree gets the gold POS
 tags (`XX` when none are known). EVALB's bracket scores ignore preterminals but
@@ -33,29 +35,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer.config import EOS_ID, PAD_ID, UNK_ID
-from transformer.data.treebank import Tree, TreeError, is_sentence_root, parse_tree
+from transformer.data.treebank import (PLACEHOLDER, Tree, TreeError, is_sentence_root,
+                                       parse_tree)
+from transformer.evaluate import write_lines
 
-PLACEHOLDER = "XX"  # stands for a POS-tagged word in linearised trees
 REPAIR_ROOT_LABEL = "TOP"  # wraps several top-level pieces; deleted by COLLINS.prm
 
 TreeLike = Union[Tree, str]
 
 
 # ----------------------------------------------------------------------------
-# Linearisation.
-
-
-def linearize(tree: Tree, placeholder: str = PLACEHOLDER) -> str:
-  """`(S (NP XX XX )NP (VP XX )VP XX )S`: labelled open/close brackets, words -> XX."""
-  out = []
-  for kind, node in tree.events():
-    if kind == "open":
-      out.append("(" + node.label)
-    elif kind == "close":
-      out.append(")" + node.label)
-    else:
-      out.append(placeholder)
-  return " ".join(out)
+# De-linearisation (the inverse of `treebank.linearize`).
 
 
 class _Node:
@@ -553,6 +543,4 @@ def parsing_report(hyp_sequences: Sequence[str], examples: Sequence[Mapping[str,
 
 def write_trees(path: Union[str, os.PathLike], trees: Iterable[TreeLike]) -> None:
   """Writes one bracketed tree per line (atomically), the input format of evalb."""
-  # Imported here so that transformer.evaluate may import this module.
-  from transformer.evaluate import write_lines  # pylint: disable=g-import-not-at-top
   write_lines(path, [t.to_string() if isinstance(t, Tree) else t for t in trees])

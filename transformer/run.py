@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from transformer import checkpoints, evaluate as evaluate_lib, parsing, sharding
+from transformer import checkpoints, evaluate as evaluate_lib, sharding, tasks
 from transformer.config import EOS_ID, Config, ConfigError, ModelConfig
 from transformer.data import datasets, pipeline, store, tokenizer as tokenizer_lib
 from transformer.decode import BeamSearcher
@@ -58,15 +58,9 @@ class Setup:
 
 
 def _searcher(s: Setup, beam_size: int = 0) -> BeamSearcher:
-  """The jitted beam search (beam_size > 0 overrides --beam_size); for parsing with
-  --tree_constraints, only well-formed trees."""
-  constraint = None
-  if s.cfg.data.task == "parsing" and s.cfg.decode.tree_constraints:
-    pieces = [s.tokenizer.id_to_piece(i) for i in range(s.tokenizer.vocab_size)]
-    try:
-      constraint = parsing.TreeConstraint.from_pieces(pieces)
-    except ValueError as e:
-      raise ConfigError(f"--tree_constraints: {e} (or pass --notree_constraints)") from e
+  """The jitted beam search (beam_size > 0 overrides --beam_size), constrained as the task
+  says (parsing with --tree_constraints: only well-formed trees)."""
+  constraint = tasks.get(s.cfg.data.task).constraint(s.cfg, s.tokenizer)
   decode_cfg = (dataclasses.replace(s.cfg.decode, beam_size=beam_size) if beam_size > 0
                 else s.cfg.decode)
   return BeamSearcher(s.model_cfg, decode_cfg, s.mesh, s.trainer.state_shardings.params,
@@ -91,8 +85,8 @@ def setup(cfg: Config, workdir: str, train_vocab: bool) -> Setup:
         f"no vocabulary at {vocab_path}: train first (--mode=train) or pass --vocab_path")
 
   if train_vocab:  # validates (and prepares) the data before anything is written to workdir
-    train_examples = _chief_first(lambda: datasets.get_split(cfg.data, cfg.data.train_split,
-                                                             _data_dir(cfg, workdir)))
+    train_examples = _chief_first(lambda: tasks.get(cfg.data.task).get_split(
+        cfg.data, cfg.data.train_split, _data_dir(cfg, workdir)))
     os.makedirs(workdir, exist_ok=True)
 
   tok = _chief_first(lambda: tokenizer_lib.load_or_train(
@@ -205,25 +199,18 @@ def translate_tokenized(s: Setup, searcher: BeamSearcher, params, tokenized,
   beam = searcher.decode_cfg.beam_size
   batches = pipeline.make_eval_batches(tokenized, max(s.cfg.decode.decode_tokens_per_batch // beam, 1),
                                        _boundaries(s.cfg), sharding.batch_size_multiple(s.mesh))
-  hyps: list[Optional[str]] = [None] * len(tokenized)
+  outputs: list[list[str]] = []  # per batch, per row (padding rows included)
   done, start = 0, time.time()
   for batch in batches:
     gb = sharding.global_batch(_local_rows({"inputs": batch["inputs"]}), s.mesh)
     seqs, _ = searcher(params, gb["inputs"])
     seqs = np.asarray(multihost_utils.process_allgather(seqs, tiled=True))
-    for row, idx in enumerate(batch["index"]):
-      if idx >= 0:
-        hyps[int(idx)] = s.tokenizer.decode(seqs[row].tolist())
-        done += 1
+    outputs.append([s.tokenizer.decode(seq.tolist()) for seq in seqs])
+    done += int((batch["index"] >= 0).sum())
     if progress:
-      print(f"translated {done}/{len(hyps)} sentences ({done / (time.time() - start):.1f}/s)",
-            file=sys.stderr, flush=True)
-  return hyps  # type: ignore[return-value]
-
-
-def _evalb_params(cfg: Config):
-  return (parsing.load_evalb_params(cfg.data.evalb_params) if cfg.data.evalb_params
-          else parsing.COLLINS_PARAMS)
+      print(f"translated {done}/{len(tokenized)} sentences"
+            f" ({done / (time.time() - start):.1f}/s)", file=sys.stderr, flush=True)
+  return pipeline.restore_order(batches, outputs, len(tokenized))
 
 
 def _boundaries(cfg: Config) -> str:
@@ -239,27 +226,22 @@ def _open_store(cfg: Config, workdir: str, split: str, tok: tokenizer_lib.Tokeni
   """(examples, store directory, meta, built now) of `split`: the chief builds a missing store
   (in --tokenize_workers processes, each reading its own rows); the others then open it."""
   data_dir = _data_dir(cfg, workdir)
-  examples = _chief_first(lambda: datasets.get_split(cfg.data, split, data_dir))
+  get_split = tasks.get(cfg.data.task).get_split
+  examples = _chief_first(lambda: get_split(cfg.data, split, data_dir))
   workers = cfg.data.tokenize_workers or store.default_workers()
-  opener = functools.partial(datasets.get_split, cfg.data, split, data_dir)
+  opener = functools.partial(get_split, cfg.data, split, data_dir)
   directory, meta, built = _chief_first(lambda: store.open_or_build(
       examples, tok, _store_root(cfg, workdir), workers=workers, opener=opener,
       fallback_root=os.path.join(workdir, "tokenized"), may_build=jax.process_index() == 0))
   return examples, directory, meta, built
 
 
-def _is_directory_split(cfg: Config, split: str) -> bool:
-  """A parsing split read straight from a directory of tree files (never stored: its files
-  may change, and the same relative path names other trees from another cwd)."""
-  from transformer.data import treebank  # pylint: disable=g-import-not-at-top
-  return cfg.data.dataset in treebank.DATASETS and treebank.is_directory_split(split)
-
-
 def _tokenize(s: Setup, split: str, train: bool):
   """(examples, tokenized split read from its store); training drops too long/empty pairs.
-  A directory split is read and tokenized in memory on every call."""
-  if _is_directory_split(s.cfg, split):
-    examples = datasets.get_split(s.cfg.data, split, _data_dir(s.cfg, s.workdir))
+  A split the task does not store is read and tokenized in memory on every call."""
+  task = tasks.get(s.cfg.data.task)
+  if not task.is_stored(split):
+    examples = task.get_split(s.cfg.data, split, _data_dir(s.cfg, s.workdir))
     if train:
       return examples, pipeline.tokenize_split(
           examples, s.tokenizer, s.cfg.data.max_source_length, s.cfg.data.max_target_length,
@@ -280,13 +262,6 @@ def _split_names(cfg: Config) -> list[str]:
   return list(dict.fromkeys((cfg.data.train_split, cfg.data.eval_split, cfg.data.test_split)))
 
 
-def _tfds_builder(cfg: Config, data_dir: str):
-  from transformer.data import treebank  # pylint: disable=g-import-not-at-top
-  if cfg.data.dataset in treebank.DATASETS:
-    return treebank.make_parsing_builder(cfg.data, data_dir)
-  return datasets.make_builder(cfg.data, data_dir)
-
-
 def _dir_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
@@ -303,12 +278,12 @@ def prepare(cfg: Config, workdir: str) -> dict[str, Any]:
   t0 = time.time()
   data_dir, vocab_path = _data_dir(cfg, workdir), _vocab_path(cfg, workdir)
   splits = _split_names(cfg)
-  builder = _tfds_builder(cfg, data_dir)
+  task = tasks.get(cfg.data.task)
+  builder = task.make_builder(cfg.data, data_dir)
   tfds_done = builder.is_prepared()
   examples = {}
   for split in splits:
-    examples[split] = _chief_first(lambda split=split: datasets.get_split(cfg.data, split,
-                                                                          data_dir))
+    examples[split] = _chief_first(lambda split=split: task.get_split(cfg.data, split, data_dir))
   vocab_done = os.path.exists(vocab_path)
   if not vocab_done and jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(vocab_path)), exist_ok=True)
@@ -322,7 +297,7 @@ def prepare(cfg: Config, workdir: str) -> dict[str, Any]:
       "vocab_path": os.path.abspath(vocab_path), "vocab_trained_now": not vocab_done,
       "vocab_size": tok.vocab_size, "vocab_sha256": tok.fingerprint(), "stores": []}
   for split in splits:
-    if _is_directory_split(cfg, split):
+    if not task.is_stored(split):
       continue  # read and tokenized when used (see _tokenize)
     _, directory, meta, built = _open_store(cfg, workdir, split, tok)
     store.StoredSplit(directory)  # every process can read it
@@ -403,6 +378,101 @@ def _train(cfg: Config, workdir: str) -> dict[str, float]:
     ckpt.close()
 
 
+class _TrainLog:
+  """The train metrics between two log lines.
+
+  Step metrics stay on the device until a log, eval or save step (`flush`), so that the loop
+  never waits for a step to finish; a non-finite step is then skipped or stops the run before
+  anything is saved. `write` logs the window's averages and starts a new window.
+  """
+
+  def __init__(self, s: Setup, writer: MetricsWriter):
+    self._s, self._tcfg, self._writer = s, s.cfg.train, writer
+    self._pending: list[dict[str, Any]] = []  # one per micro-batch since the last flush
+    self.skipped = 0
+    self._window = {"loss_sum": 0.0, "nll_sum": 0.0, "tokens": 0.0, "source_tokens": 0.0,
+                    "steps": 0.0}
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    """Time from now on counts towards tokens/s (eval time does not)."""
+    self._start = time.time()
+
+  def add(self, metrics: dict[str, Any]) -> None:
+    self._pending.append(metrics)
+
+  def flush(self, step: int) -> None:
+    """Fetches pending step metrics; handles non-finite steps before anything is saved."""
+    accum = self._tcfg.grad_accum_steps
+    for i, m in enumerate(jax.device_get(self._pending)):
+      bad_step = step - len(self._pending) // accum + i // accum + 1
+      if not bool(m["finite"]):
+        if self._tcfg.nonfinite == "stop":
+          tensors = self._s.trainer.nonfinite_tensors(m)
+          raise NonFiniteError(
+              f"non-finite loss/gradient at step {bad_step} (loss {float(m['loss_sum'])},"
+              f" non-finite gradients in {len(tensors)} tensors, e.g. {', '.join(tensors[:3])});"
+              f" stopped without saving, the last good checkpoint is kept"
+              f" (use --nonfinite=skip to skip such steps)")
+        self.skipped += 1
+        logging.warning("step %d: non-finite loss/gradient, update skipped (%d so far)",
+                        bad_step, self.skipped)
+        continue
+      for k in ("loss_sum", "nll_sum", "tokens", "source_tokens"):
+        self._window[k] += float(m[k])
+      self._window["steps"] += 1.0 / accum
+    self._pending = []
+
+  def write(self, step: int, last_metrics: dict[str, Any]) -> dict[str, float]:
+    """Logs and records the window ending at `step` (flushed); returns the line's values."""
+    window, elapsed = self._window, time.time() - self._start
+    lr = float(self._s.trainer.schedule(max(step - 1, 0)))
+    line = {"loss": window["loss_sum"] / max(window["tokens"], 1),
+            "nll": window["nll_sum"] / max(window["tokens"], 1), "lr": lr,
+            "target_tokens_per_s": window["tokens"] / elapsed,
+            "source_tokens_per_s": window["source_tokens"] / elapsed,
+            "tokens_per_step": (window["tokens"] + window["source_tokens"]) / max(window["steps"], 1),
+            "grad_norm": float(last_metrics["grad_norm"]), "steps_per_s": window["steps"] / elapsed,
+            "skipped_steps": self.skipped}
+    eta = (self._tcfg.num_train_steps - step) / max(line["steps_per_s"], 1e-9)
+    logging.info("step %d | loss %.4f | nll %.4f | lr %.3g | %.0f tgt tok/s | %.2f steps/s"
+                 " | ETA %s", step, line["loss"], line["nll"], lr,
+                 line["target_tokens_per_s"], line["steps_per_s"], _fmt_time(eta))
+    self._writer.write(step, "train", line)
+    self._window = {k: 0.0 for k in window}
+    self.restart_clock()
+    return line
+
+
+class _DevEval:
+  """The periodic evaluation: dev perplexity, and the task's metric (BLEU, F1) on the first
+  --eval_bleu_sentences dev examples (the task's `dev_subset`) decoded by `searcher`."""
+
+  def __init__(self, s: Setup, examples, tokenized, searcher: BeamSearcher,
+               writer: MetricsWriter):
+    self._s, self._tokenized, self._searcher, self._writer = s, tokenized, searcher, writer
+    self._task = tasks.get(s.cfg.data.task)
+    n = min(s.cfg.train.eval_bleu_sentences, len(examples))
+    self._decoded = self._task.dev_subset(examples, n)
+    self._decoded_tok = (pipeline.tokenize_split(self._decoded, s.tokenizer) if self._decoded
+                         else None)
+
+  def __call__(self, step: int, params) -> dict[str, float]:
+    """Logs and records the evaluation of `params` at `step`; returns its values."""
+    cfg = self._s.cfg
+    ev = eval_loss(self._s, params, self._tokenized)
+    quality = ""
+    if self._decoded:
+      hyps = translate_tokenized(self._s, self._searcher, params, self._decoded_tok)
+      metrics, quality = self._task.dev_score(cfg, hyps, self._decoded,
+                                              self._searcher.decode_cfg.beam_size)
+      ev.update(metrics)
+    logging.info("eval step %d | %s nll %.4f | ppl %.2f%s", step, cfg.data.eval_split,
+                 ev["nll"], ev["perplexity"], quality)
+    self._writer.write(step, "eval", ev)
+    return ev
+
+
 def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
   cfg, workdir, tcfg = s.cfg, s.workdir, s.cfg.train
   if ckpt.steps():
@@ -414,12 +484,6 @@ def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
       train_tok, cfg.data, batch_multiple=sharding.batch_size_multiple(s.mesh),
       process_index=jax.process_index(), process_count=jax.process_count())
   eval_examples, eval_tok = _tokenize(s, cfg.data.eval_split, train=False)
-  n_decode = min(tcfg.eval_bleu_sentences, len(eval_examples))
-  if cfg.data.task == "parsing":  # spread over the split (its files), not its first file
-    bleu_examples = [eval_examples[i * len(eval_examples) // n_decode] for i in range(n_decode)]
-  else:
-    bleu_examples = eval_examples[:n_decode]
-  bleu_tok = pipeline.tokenize_split(bleu_examples, s.tokenizer) if bleu_examples else None
 
   latest, restored = ckpt.restore_latest_good(s.trainer.abstract_state)
   if restored is None:
@@ -436,7 +500,7 @@ def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
       json.dump(_saved_config(s), f, indent=2)
   logging.info("model: %d parameters; mesh %s; %d devices", num_params, dict(s.mesh.shape),
                jax.device_count())
-  searcher = _searcher(s, tcfg.eval_beam_size)  # periodic dev decode
+  dev_eval = _DevEval(s, eval_examples, eval_tok, _searcher(s, tcfg.eval_beam_size), writer)
 
   accum = tcfg.grad_accum_steps  # micro-batches per optimizer update
   step = int(state.step) // accum  # state.step counts micro-batches
@@ -444,39 +508,15 @@ def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
     logging.info("gradient accumulation: %d micro-batches of ~%d tokens per update (~%d tokens)",
                  accum, cfg.data.tokens_per_batch, accum * cfg.data.tokens_per_batch)
   start_step, t0 = step, time.time()
-  window = {"loss_sum": 0.0, "nll_sum": 0.0, "tokens": 0.0, "source_tokens": 0.0, "steps": 0.0}
-  window_start, pending, skipped = time.time(), [], 0
+  log = _TrainLog(s, writer)
   summary: dict[str, float] = {"num_params": num_params}
-
-  def flush(step: int) -> None:
-    """Fetches pending step metrics; handles non-finite steps before anything is saved."""
-    nonlocal pending, skipped
-    for i, m in enumerate(jax.device_get(pending)):
-      bad_step = step - len(pending) // accum + i // accum + 1
-      if not bool(m["finite"]):
-        if tcfg.nonfinite == "stop":
-          tensors = s.trainer.nonfinite_tensors(m)
-          raise NonFiniteError(
-              f"non-finite loss/gradient at step {bad_step} (loss {float(m['loss_sum'])},"
-              f" non-finite gradients in {len(tensors)} tensors, e.g. {', '.join(tensors[:3])});"
-              f" stopped without saving, the last good checkpoint is kept"
-              f" (use --nonfinite=skip to skip such steps)")
-        skipped += 1
-        logging.warning("step %d: non-finite loss/gradient, update skipped (%d so far)",
-                        bad_step, skipped)
-        continue
-      for k in ("loss_sum", "nll_sum", "tokens", "source_tokens"):
-        window[k] += float(m[k])
-      window["steps"] += 1.0 / accum
-    pending = []
-
   with _Preemption() as preemption:
     while step < tcfg.num_train_steps:
       for _ in range(accum):
         batch = next(train_iter)
         gb = sharding.global_batch({k: batch[k] for k in ("inputs", "targets")}, s.mesh)
         state, metrics = s.trainer.train_step(state, gb)
-        pending.append(metrics)
+        log.add(metrics)
       step += 1
       out_of_time = tcfg.max_train_minutes > 0 and (time.time() - t0) / 60 >= tcfg.max_train_minutes
       last = step == tcfg.num_train_steps or out_of_time or preemption.requested
@@ -484,46 +524,12 @@ def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
       do_eval = step % tcfg.eval_every_steps == 0 or (last and not preemption.requested)
       do_save = step % tcfg.checkpoint_every_steps == 0 or last
       if do_log or do_eval or do_save:
-        flush(step)
+        log.flush(step)
       if do_log:
-        elapsed = time.time() - window_start
-        lr = float(s.trainer.schedule(max(step - 1, 0)))
-        line = {"loss": window["loss_sum"] / max(window["tokens"], 1),
-                "nll": window["nll_sum"] / max(window["tokens"], 1), "lr": lr,
-                "target_tokens_per_s": window["tokens"] / elapsed,
-                "source_tokens_per_s": window["source_tokens"] / elapsed,
-                "tokens_per_step": (window["tokens"] + window["source_tokens"]) / max(window["steps"], 1),
-                "grad_norm": float(metrics["grad_norm"]), "steps_per_s": window["steps"] / elapsed,
-                "skipped_steps": skipped}
-        eta = (tcfg.num_train_steps - step) / max(line["steps_per_s"], 1e-9)
-        logging.info("step %d | loss %.4f | nll %.4f | lr %.3g | %.0f tgt tok/s | %.2f steps/s"
-                     " | ETA %s", step, line["loss"], line["nll"], lr,
-                     line["target_tokens_per_s"], line["steps_per_s"], _fmt_time(eta))
-        writer.write(step, "train", line)
-        summary.update(line)
-        window = {k: 0.0 for k in window}
-        window_start = time.time()
+        summary.update(log.write(step, metrics))
       if do_eval:
-        ev = eval_loss(s, state.params, eval_tok)
-        quality = ""
-        if bleu_examples:
-          hyps = translate_tokenized(s, searcher, state.params, bleu_tok)
-          if cfg.data.task == "parsing":
-            rep = parsing.parsing_report(hyps, bleu_examples, _evalb_params(cfg))
-            ev.update(f1=rep["f1"], repaired=rep["repaired"], exact_match=rep["exact_match"],
-                      sentence_f1=rep["sentence_f1"])
-            quality = (f" | F1 {rep['f1']:.2f} (sentence trees {rep['sentence_f1']:.2f};"
-                       f" {len(bleu_examples)} trees, beam {searcher.decode_cfg.beam_size},"
-                       f" {rep['repaired']} repaired)")
-          else:
-            ev["bleu"] = evaluate_lib.sacrebleu_score(
-                hyps, [ex["target"] for ex in bleu_examples]).score
-            quality = f" | BLEU {ev['bleu']:.2f} ({len(bleu_examples)} sents)"
-        logging.info("eval step %d | %s nll %.4f | ppl %.2f%s", step, cfg.data.eval_split,
-                     ev["nll"], ev["perplexity"], quality)
-        writer.write(step, "eval", ev)
-        summary.update({f"eval_{k}": v for k, v in ev.items()})
-        window_start = time.time()  # eval time does not count against tokens/s
+        summary.update({f"eval_{k}": v for k, v in dev_eval(step, state.params).items()})
+        log.restart_clock()
       if do_save:
         ckpt.save(step, state, pipeline.iterator_state(train_iter), _saved_config(s))
       if preemption.requested:
@@ -633,46 +639,25 @@ def evaluate(cfg: Config, workdir: str, which: str = "latest",
   t0 = time.time()
   hyps = translate_tokenized(s, searcher, params, tokenized)
   decode_seconds = time.time() - t0
-  refs = [ex["target"] for ex in examples]
   split_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.data.test_split).strip("_")  # test[:24] -> test_24
-  out_path = output or os.path.join(workdir, f"{split_name}.{which}.hyp")
+  prefix = os.path.join(workdir, split_name)
+  out_path = output or f"{prefix}.{which}.hyp"
+  task = tasks.get(cfg.data.task)
   report: dict[str, Any] = {"split": cfg.data.test_split, "checkpoint": which, "step": step,
                             "sentences": len(hyps), "decode_seconds": decode_seconds}
-  if cfg.data.task == "parsing":
-    report.update(parsing.parsing_report(hyps, examples, _evalb_params(cfg)))
-  else:
-    report.update(evaluate_lib.bleu_report(hyps, refs, cfg.data.target_lang))
+  report.update(task.score(cfg, hyps, examples))
   report.update({f"test_{k}": v for k, v in eval_loss(s, params, tokenized).items()})
   if s.is_chief:
     evaluate_lib.write_lines(out_path, hyps)
-    if cfg.data.task == "parsing":  # trees for EVALB: evalb -p COLLINS.prm gold test
-      stem = os.path.join(workdir, f"{split_name}.{which}")
-      parsing.write_trees(stem + ".trees", [t for t, _ in parsing.predict_trees(hyps, examples)])
-      parsing.write_trees(os.path.join(workdir, f"{split_name}.gold.trees"),
-                          [ex["tree"] for ex in examples])
-    with open(os.path.join(workdir, f"{split_name}.{which}.json"), "w", encoding="utf-8") as f:
+    task.write_outputs(prefix, which, hyps, examples)
+    with open(f"{prefix}.{which}.json", "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
     MetricsWriter(workdir).write(step, f"test_{which}", {k: v for k, v in report.items()
                                                         if isinstance(v, (int, float))})
   print(f"hypotheses: {out_path}")
   print(f"perplexity ({cfg.data.test_split}): {report['test_perplexity']:.3f}")
-  if cfg.data.task == "parsing":
-    print(f"F1 {cfg.data.test_split} ({which} step {step}, beam {cfg.decode.beam_size}, alpha"
-          f" {cfg.decode.alpha}): {report['f1']:.2f} (P {report['precision']:.2f}"
-          f" R {report['recall']:.2f}; exact match {report['exact_match']:.2f};"
-          f" repaired {report['repaired']}/{len(hyps)}; EVALB"
-          f" {os.path.basename(cfg.data.evalb_params or 'COLLINS.prm')})")
-    print(f"F1 {cfg.data.test_split}, sentence trees only ({report['sentence_sentences']} of"
-          f" {report['sentences']}; no TITLE/HEADING/CAPTION/CIT root):"
-          f" {report['sentence_f1']:.2f} (P {report['sentence_precision']:.2f}"
-          f" R {report['sentence_recall']:.2f}; exact match {report['sentence_exact_match']:.2f};"
-          f" repaired {report['sentence_repaired']}/{report['sentence_sentences']})")
-    return report
-  print(f"BLEU {cfg.data.source_lang}->{cfg.data.target_lang} {cfg.data.test_split}"
-        f" ({which} step {step}, beam {cfg.decode.beam_size}, alpha {cfg.decode.alpha}):"
-        f" sacreBLEU {report['sacrebleu']:.2f} [{report['sacrebleu_signature']}]"
-        f" | tokenized+compound-split {report['bleu_tok_compound_split']:.2f}"
-        f" | tokenized lowercased {report['bleu_tok_lc']:.2f}")
+  for line in task.report_lines(cfg, report, which, step):
+    print(line)
   return report
 
 
@@ -692,8 +677,7 @@ def translate(cfg: Config, workdir: str, which: str = "latest", input_path: Opti
   if lines:  # no input lines: no output lines (a filter on empty input)
     tokenized = pipeline.tokenize_split(examples, s.tokenizer)
     hyps = translate_tokenized(s, _searcher(s), params, tokenized, progress=True)
-  if cfg.data.task == "parsing":  # bracketed trees (placeholder POS tags)
-    hyps = [t.to_string() for t, _ in parsing.predict_trees(hyps, examples)]
+  hyps = tasks.get(cfg.data.task).output_lines(hyps, examples)
   if s.is_chief:
     if output_path:
       evaluate_lib.write_lines(output_path, hyps)
@@ -709,12 +693,9 @@ def translate(cfg: Config, workdir: str, which: str = "latest", input_path: Opti
 # ----------------------------------------------------------------------------
 
 def plot(workdir: str, output: Optional[str] = None) -> str:
-  """Learning curves of <workdir>/metrics.jsonl as a PNG."""
-  from transformer import visualize  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    raise FileNotFoundError(f"no metrics.jsonl in {workdir}: train first")
-  out = visualize.plot_learning_curves(workdir, output or os.path.join(workdir, "plots",
-                                                                       "learning_curves.png"))
+  """Learning curves of <workdir>/metrics.jsonl as a PNG (default <workdir>/plots/)."""
+  from transformer import visualize  # pylint: disable=g-import-not-at-top  (imports matplotlib)
+  out = visualize.plot_run(workdir, output)
   print(out)
   return out
 
@@ -722,36 +703,18 @@ def plot(workdir: str, output: Optional[str] = None) -> str:
 def attention(cfg: Config, workdir: str, sentence: str, which: str = "latest",
               output_dir: Optional[str] = None) -> list[str]:
   """Heatmaps of every layer and head for one source sentence and its beam-search translation."""
-  from transformer import visualize  # pylint: disable=g-import-not-at-top
-  from transformer.model import Transformer  # pylint: disable=g-import-not-at-top
+  from transformer import visualize  # pylint: disable=g-import-not-at-top  (imports matplotlib)
   if not sentence.strip():
     raise ConfigError("--sentence is required for --mode=attention")
   s = setup(cfg, workdir, train_vocab=False)
   params, step = _restore_params(s, which)
   src = np.asarray([s.tokenizer.encode(sentence) + [EOS_ID]], np.int32)
-  searcher = _searcher(s)
-  seq, _ = searcher(params, sharding.global_batch({"inputs": src}, s.mesh)["inputs"])
+  seq, _ = _searcher(s)(params, sharding.global_batch({"inputs": src}, s.mesh)["inputs"])
   hyp = np.asarray(seq)[0].tolist()
   hyp = hyp[:hyp.index(EOS_ID) + 1] if EOS_ID in hyp else hyp
-  tgt = np.asarray([hyp], np.int32)
-  model = Transformer(s.model_cfg, sow_weights=True)
-  _, inter = jax.jit(lambda p, x, y: model.apply({"params": p}, x, y, mutable=["intermediates"]))(
-      params, src, tgt)
-  inter = jax.device_get(inter["intermediates"])
-  pieces = lambda ids: [s.tokenizer.id_to_piece(int(i)) for i in ids]
-  src_tok, tgt_tok = pieces(src[0]), pieces(tgt[0])
-  dec_in = ["<s>"] + tgt_tok[:-1]  # decoder inputs: BOS + shifted target
-  out_dir = output_dir or os.path.join(workdir, "plots")
-  kinds = [("encoder", "self_attention", src_tok, src_tok, "encoder self-attention"),
-           ("decoder", "self_attention", dec_in, dec_in, "decoder self-attention (masked)"),
-           ("decoder", "cross_attention", dec_in, src_tok, "encoder-decoder attention")]
-  paths = []
-  for stack, name, q, k, title in kinds:
-    n = s.model_cfg.num_encoder_layers if stack == "encoder" else s.model_cfg.num_decoder_layers
-    weights = [np.asarray(inter[stack][f"layer_{i}"][name]["attention_weights"][0])[0]
-               for i in range(n)]
-    path = os.path.join(out_dir, f"attention_{stack}_{name}.png")
-    paths.append(visualize.plot_attention(weights, q, k, f"{title} (step {step})", path))
+  paths = visualize.plot_attention_maps(s.model_cfg, params, src[0], np.asarray(hyp, np.int32),
+                                        s.tokenizer.id_to_piece, step,
+                                        output_dir or os.path.join(workdir, "plots"))
   print(f"source: {sentence}\ntranslation: {s.tokenizer.decode(hyp)}")
   for p in paths:
     print(p)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
+import jax
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
@@ -12,7 +13,18 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from transformer.io_utils import atomic_write
+from transformer.config import ModelConfig
 from transformer.metrics_writer import read_metrics
+from transformer.model import Transformer
+
+
+def plot_run(workdir: str, out_path: Optional[str] = None) -> str:
+  """Learning curves of <workdir>/metrics.jsonl -> out_path (default
+  <workdir>/plots/learning_curves.png)."""
+  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    raise FileNotFoundError(f"no metrics.jsonl in {workdir}: train first")
+  return plot_learning_curves(
+      workdir, out_path or os.path.join(workdir, "plots", "learning_curves.png"))
 
 
 def plot_learning_curves(workdir: str, out_path: str) -> str:
@@ -78,6 +90,34 @@ def plot_attention(weights: Sequence[np.ndarray], queries: Sequence[str], keys: 
   fig.tight_layout()
   _save(fig, out_path)
   return out_path
+
+
+def plot_attention_maps(model_cfg: ModelConfig, params, source: np.ndarray, target: np.ndarray,
+                        id_to_piece: Callable[[int], str], step: int, out_dir: str) -> list[str]:
+  """The encoder self-, decoder self- and encoder-decoder attention of one sentence pair, each
+  as `plot_attention` heatmaps of every layer and head: <out_dir>/attention_<stack>_<name>.png.
+
+  source: [src_len] ids (with EOS); target: [tgt_len] ids, e.g. the beam search's output.
+  """
+  src, tgt = source[None], target[None]  # [1, len]
+  model = Transformer(model_cfg, sow_weights=True)
+  _, inter = jax.jit(lambda p, x, y: model.apply({"params": p}, x, y, mutable=["intermediates"]))(
+      params, src, tgt)
+  inter = jax.device_get(inter["intermediates"])
+  pieces = lambda ids: [id_to_piece(int(i)) for i in ids]
+  src_tok, tgt_tok = pieces(src[0]), pieces(tgt[0])
+  dec_in = ["<s>"] + tgt_tok[:-1]  # decoder inputs: BOS + shifted target
+  kinds = [("encoder", "self_attention", src_tok, src_tok, "encoder self-attention"),
+           ("decoder", "self_attention", dec_in, dec_in, "decoder self-attention (masked)"),
+           ("decoder", "cross_attention", dec_in, src_tok, "encoder-decoder attention")]
+  paths = []
+  for stack, name, q, k, title in kinds:
+    n = model_cfg.num_encoder_layers if stack == "encoder" else model_cfg.num_decoder_layers
+    weights = [np.asarray(inter[stack][f"layer_{i}"][name]["attention_weights"][0])[0]
+               for i in range(n)]
+    path = os.path.join(out_dir, f"attention_{stack}_{name}.png")
+    paths.append(plot_attention(weights, q, k, f"{title} (step {step})", path))
+  return paths
 
 
 def _save(fig, out_path: str) -> None:

@@ -17,7 +17,7 @@ import hashlib
 import importlib
 import os
 import re
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -182,12 +182,26 @@ class ParallelText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {split: self._generate_examples(*(f"{prefix}.{lang}" for lang in config.languages))
             for split, prefix in config.split_prefixes}
 
+  reads_local_files = True  # `prepare` checks them first and lets their errors through
+
+  def check_raw_files(self) -> None:
+    """Raises FileNotFoundError naming the first missing `<prefix>.<lang>` file."""
+    config = self.builder_config
+    _check_files(f"{prefix}.{lang}" for _, prefix in config.split_prefixes
+                 for lang in config.languages)
+
   def _generate_examples(self, path_a: str, path_b: str):
     """(line number, example) pairs; files in `config.languages` order."""
     config = self.builder_config
     lang_a, lang_b = config.languages
     for i, text_a, text_b in iter_parallel_files(path_a, path_b, config.non_utf8):
       yield i, {lang_a: text_a, lang_b: text_b, "id": i}
+
+
+def _check_files(paths: Iterable[str]) -> None:
+  for path in paths:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"Raw data file not found: {path}")
 
 
 class RawDataDirMixin:
@@ -250,6 +264,16 @@ class Multi30k(RawDataDirMixin, tfds.core.GeneratorBasedBuilder, skip_registrati
       paths = {k: os.fspath(v) for k, v in dl_manager.download_and_extract(urls).items()}
     return {split: self._generate_examples(paths[f"{stem}.en"], paths[f"{stem}.de"])
             for split, stem in stems.items()}
+
+  @property
+  def reads_local_files(self) -> bool:
+    return bool(self._raw_data_dir)
+
+  def check_raw_files(self) -> None:
+    """Raises FileNotFoundError naming the first missing raw file (with `raw_data_dir`)."""
+    if self._raw_data_dir:
+      _check_files(os.path.join(self._raw_data_dir, f"{stem}.{lang}")
+                   for stem in _MULTI30K_FILES.values() for lang in _MULTI30K_LANGS)
 
   def _generate_examples(self, path_en: str, path_de: str):
     """(line number, example) pairs of one split."""
@@ -408,26 +432,14 @@ def _languages(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
   return tuple(langs)
 
 
-def _check_local_files(builder: tfds.core.DatasetBuilder) -> None:
-  """Fails early, naming the path, when raw files for preparation are missing."""
-  paths = []
-  if isinstance(builder, ParallelText):
-    config = builder.builder_config
-    paths = [f"{prefix}.{lang}" for _, prefix in config.split_prefixes
-             for lang in config.languages]
-  elif isinstance(builder, Multi30k) and builder.raw_data_dir:
-    paths = [os.path.join(builder.raw_data_dir, f"{stem}.{lang}")
-             for stem in _MULTI30K_FILES.values() for lang in _MULTI30K_LANGS]
-  for path in paths:
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"Raw data file not found: {path}")
-
-
 def prepare(builder: tfds.core.DatasetBuilder) -> None:
   """Prepares array_record files unless they already exist.
 
   Runs without TensorFlow (see `tfds_compat`); TFDS's WMT builders read their
-  text files line by line (see `wmt_streaming`). Downloads, extraction and
+  text files line by line (see `wmt_streaming`). A builder of local files
+  (`reads_local_files`: ParallelText, Multi30k with a raw_data_dir, the
+  treebanks) is asked to `check_raw_files()` first, and the errors naming its
+  files pass through unchanged. Downloads, extraction and
   writing happen in TFDS's temporary directories, renamed into place only
   when complete, so an interrupted or failed preparation is never taken for
   a prepared dataset and the next call prepares again.
@@ -438,10 +450,10 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
   """
   if builder.is_prepared():
     return
-  _check_local_files(builder)
+  local = getattr(builder, "reads_local_files", False)
+  if local:
+    builder.check_raw_files()
   logging.info("Preparing %s in %s", builder.info.full_name, builder.data_dir)
-  local = isinstance(builder, ParallelText) or (
-      isinstance(builder, Multi30k) and builder.raw_data_dir)
   wmt = type(builder).__module__.startswith("tensorflow_datasets.translate.wmt")
   try:
     with tfds_compat.without_tensorflow(), (
@@ -457,6 +469,29 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
         f" and preparing it failed: {describe_failure(e)}") from e
 
 
+def open_split(data_dir: str, split: str,
+               make_builder: Callable[[str], tfds.core.DatasetBuilder],
+               check: Callable[[tfds.core.DatasetBuilder], None] = lambda builder: None):
+  """(builder, data source, canonical split name) of `split` of a TFDS dataset.
+
+  The one path of every TFDS-backed split: the builder for `data_dir`, checked
+  by `check` before anything is written, prepared there on first use
+  (`prepare`), and `split` ('train', 'val', 'train[:1000]', ...) checked to
+  exist in it.
+  """
+  if not data_dir:
+    raise DataError("A TFDS data dir is required (--tfds_data_dir)")
+  builder = make_builder(data_dir)
+  check(builder)
+  prepare(builder)
+  tfds_split = canonical_split(split)
+  base = tfds_split.split("[")[0]
+  if base not in builder.info.splits:
+    raise DataError(f"{builder.info.full_name} has no split {split!r}; it has"
+                    f" {sorted(builder.info.splits.keys())}")
+  return builder, records.open_split(builder, tfds_split), tfds_split
+
+
 def get_split(data_cfg: DataConfig, split: str, data_dir: str) -> ParallelSplit:
   """Examples of `split` as `{'source', 'target', 'id'}` in line order.
 
@@ -467,25 +502,16 @@ def get_split(data_cfg: DataConfig, split: str, data_dir: str) -> ParallelSplit:
       TFDS slice such as 'train[:1000]'.
     data_dir: TFDS data dir; the dataset is prepared there on first use.
   """
-  if not data_dir:
-    raise DataError("A TFDS data dir is required (--tfds_data_dir)")
-  from transformer.data import treebank  # pylint: disable=g-import-not-at-top (cycle)
-  if data_cfg.dataset in treebank.DATASETS:  # section 6.3: parsing
-    return treebank.get_parsing_split(data_cfg, split, data_dir)
   src, tgt = data_cfg.source_lang, data_cfg.target_lang
-  builder = make_builder(data_cfg, data_dir)
-  langs = _languages(builder)
-  for lang in (src, tgt):
-    if lang not in langs:
-      raise DataError(f"{builder.info.full_name} has languages {list(langs)},"
-                      f" not {lang!r}")
-  prepare(builder)
-  tfds_split = canonical_split(split)
-  base = tfds_split.split("[")[0]
-  if base not in builder.info.splits:
-    raise DataError(f"{builder.info.full_name} has no split {split!r}; it has"
-                    f" {sorted(builder.info.splits.keys())}")
-  source = records.open_split(builder, tfds_split)
+  def check_languages(builder: tfds.core.DatasetBuilder) -> None:
+    langs = _languages(builder)
+    for lang in (src, tgt):
+      if lang not in langs:
+        raise DataError(f"{builder.info.full_name} has languages {list(langs)},"
+                        f" not {lang!r}")
+
+  builder, source, tfds_split = open_split(
+      data_dir, split, lambda d: make_builder(data_cfg, d), check_languages)
   has_id = "id" in builder.info.features.keys()
   ordered = bool(builder.info.disable_shuffling) and has_id
   logging.info("%s %s: %d examples, %s -> %s", builder.info.full_name,

@@ -415,10 +415,17 @@ class TrainBatchPlan:
   def padding_stats(self, epoch: int = 0) -> dict[str, float]:
     """Token counts of one epoch: non-pad / total over inputs and targets."""
     lengths, rows = self.epoch(epoch)
-    return _padding_stats(lengths, rows, self._source_lengths, self._target_lengths)
+    return padding_stats(lengths, rows, self._source_lengths, self._target_lengths)
 
 
-def _padding_stats(lengths, rows, source_lengths, target_lengths) -> dict[str, float]:
+def padding_stats(lengths: Sequence[int], rows: Sequence[np.ndarray], source_lengths: np.ndarray,
+                  target_lengths: np.ndarray) -> dict[str, float]:
+  """Token counts of a batch plan (`TrainBatchPlan.epoch`, `eval_batch_plan`): non-pad / total
+  over inputs and targets, without collating.
+
+  lengths: [batches] padded length L; rows: [batches] rows of the split (-1 = padding row);
+  source_lengths, target_lengths: [examples] tokens incl. EOS.
+  """
   total = nonpad = 0
   for L, r in zip(lengths, rows):
     real = r[r >= 0]
@@ -589,19 +596,6 @@ def make_eval_batches(tokenized: TokenizedSplit, tokens_per_batch: int,
   lengths, rows = eval_batch_plan(tokenized, tokens_per_batch, boundaries, batch_multiple)
   return [collate(tokenized, _process_rows(r, process_index, process_count), int(L))
           for L, r in zip(lengths, rows)]
-
-
-def padding_stats(batches: Iterable[Batch]) -> dict[str, float]:
-  """Token counts of collated batches: non-pad / total over inputs and targets."""
-  total = nonpad = n = 0
-  for batch in batches:
-    n += 1
-    for key in ("inputs", "targets"):
-      total += batch[key].size
-      nonpad += int((batch[key] != PAD_ID).sum())
-  return {"batches": n, "total_tokens": total, "non_pad_tokens": nonpad,
-          "non_pad_fraction": nonpad / max(total, 1),
-          "padding_fraction": 1.0 - nonpad / max(total, 1)}
 
 
 def restore_order(batches: Iterable[Batch], outputs: Iterable[Sequence[Any]],

@@ -1,8 +1,9 @@
 """Penn Treebank-style constituency trees for the parsing task (paper section 6.3).
 
-Reading, normalisation, split definitions and a TFDS builder (array_record, no
-TensorFlow), plus `get_parsing_split`, the parsing counterpart of
-`datasets.get_split`.
+Reading, normalisation, linearisation, split definitions and a TFDS builder
+(array_record, no TensorFlow), plus `get_parsing_split`, the parsing
+counterpart of `datasets.get_split` (both read TFDS splits through
+`datasets.open_split`).
 
 Normalisation (the usual one for WSJ parsing experiments; `normalize_tree`):
 
@@ -145,6 +146,26 @@ class Tree:
 
   def __str__(self) -> str:
     return self.to_string()
+
+
+PLACEHOLDER = "XX"  # stands for a POS-tagged word in linearised trees
+
+
+def linearize(tree: Tree, placeholder: str = PLACEHOLDER) -> str:
+  """`(S (NP XX XX )NP (VP XX )VP XX )S`: labelled open/close brackets, words -> XX.
+
+  The linearisation of Vinyals et al. (2015), stored as the 'linearized' feature
+  of the parsing datasets; `parsing.delinearize` is its inverse.
+  """
+  out = []
+  for kind, node in tree.events():
+    if kind == "open":
+      out.append("(" + node.label)
+    elif kind == "close":
+      out.append(")" + node.label)
+    else:
+      out.append(placeholder)
+  return " ".join(out)
 
 
 # Brackets and words; words end at ASCII whitespace only (see the module docstring).
@@ -459,10 +480,8 @@ def iter_split_trees(paths: Iterable[str], with_roots: bool = False) -> Iterator
 
 def _record(i: int, stem: str, tree: Tree, root: str) -> dict[str, Any]:
   """One example of a parsing split (the features of `PtbParsing`)."""
-  # Imported here: transformer.parsing imports this module for the Tree type.
-  from transformer import parsing  # pylint: disable=g-import-not-at-top
   return {"sentence": " ".join(tree.leaves()), "tree": tree.to_string(),
-          "linearized": parsing.linearize(tree), "file": stem, "root": root, "id": i}
+          "linearized": linearize(tree), "file": stem, "root": root, "id": i}
 
 
 # ----------------------------------------------------------------------------
@@ -506,7 +525,7 @@ class PtbParsing(datasets.RawDataDirMixin, tfds.core.GeneratorBasedBuilder, skip
   """Penn Treebank-style constituency trees from a local directory (no download).
 
   Features: 'sentence' (words joined by spaces), 'tree' (normalised, one line,
-  POS tags kept), 'linearized' (`parsing.linearize`), 'file' (e.g. 'wsj_0001';
+  POS tags kept), 'linearized' (`linearize`), 'file' (e.g. 'wsj_0001';
   '' for extra trees), 'root' (`root_label` of the raw tree: 'S', 'CAPTION',
   ...), 'id' (0-based position in the split). Records are in file order. A
   dataset prepared once is reused from the TFDS data dir whatever
@@ -537,6 +556,12 @@ class PtbParsing(datasets.RawDataDirMixin, tfds.core.GeneratorBasedBuilder, skip
         homepage="https://catalog.ldc.upenn.edu/LDC99T42",
         disable_shuffling=True,  # records in file order (keys = positions)
     )
+
+  reads_local_files = True  # `datasets.prepare` checks them first
+
+  def check_raw_files(self) -> None:
+    """Raises FileNotFoundError naming the first missing directory or file (`split_files`)."""
+    split_files(self._raw_data_dir, self.builder_config.layout)
 
   def _split_generators(self, dl_manager):
     del dl_manager  # local files only
@@ -620,15 +645,6 @@ def make_parsing_builder(data_cfg: DataConfig, data_dir: str) -> PtbParsing:
              file_format="array_record")
 
 
-def prepare(builder: PtbParsing) -> None:
-  """Writes the array_record files unless present; fails early on missing raw files."""
-  if builder.is_prepared():
-    return
-  split_files(builder.raw_data_dir, builder.builder_config.layout)  # raises on missing files
-  logging.info("Preparing %s in %s", builder.info.full_name, builder.data_dir)
-  builder.download_and_prepare(file_format="array_record")
-
-
 _PATH_SLICE = re.compile(r"(.*?)\[\s*(-?\d*)\s*:\s*(-?\d*)\s*\]")
 
 
@@ -667,15 +683,7 @@ def get_parsing_split(data_cfg: DataConfig, split: str, data_dir: str) -> Parsin
   """
   if is_directory_split(split):
     return read_directory_split(split)
-  if not data_dir:
-    raise datasets.DataError("A TFDS data dir is required (--tfds_data_dir)")
-  builder = make_parsing_builder(data_cfg, data_dir)
-  prepare(builder)
-  tfds_split = datasets.canonical_split(split)
-  base = tfds_split.split("[")[0]
-  if base not in builder.info.splits:
-    raise datasets.DataError(f"{builder.info.full_name} has no split {split!r}; it has"
-                             f" {sorted(builder.info.splits.keys())}")
-  source = builder.as_data_source(split=tfds_split)
+  builder, source, tfds_split = datasets.open_split(
+      data_dir, split, lambda d: make_parsing_builder(data_cfg, d))
   logging.info("%s %s: %d trees", builder.info.full_name, tfds_split, len(source))
   return ParsingSplit(source, name=f"{builder.info.full_name}/{tfds_split}")
