@@ -50,7 +50,6 @@ class ModelConfig:
   attention_impl: str = "xla"          # jax.nn.dot_product_attention: xla (CPU/TPU) | cudnn (GPU) | einsum
   remat: bool = False
   scan_layers: bool = False            # one nn.scan over the N layers (params [N, ...]): compiles once
-  decode: bool = False                 # autoregressive mode with a KV cache
 
   @property
   def head_dim_k(self) -> int:
@@ -240,7 +239,6 @@ _HELP = {
     "scan_layers": "Run the N layers of each stack as one nn.scan (parameters stacked on a"
                    " leading 'layers' axis): compile time independent of N. Checkpoints are"
                    " not interchangeable with --noscan_layers.",
-    "decode": "Internal: build the autoregressive decoder (set by the code).",
     "task": "translation (BLEU) | parsing (EVALB F1, section 6.3).",
     "dataset": "multi30k | parallel_text | wmt14_translate/de-en | wmt14_translate/fr-en |"
                " ptb_wsj (sections 02-21/22/23) | ptb_wsj_sample (NLTK WSJ sample) |"

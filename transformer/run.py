@@ -770,7 +770,7 @@ def attention(cfg: Config, workdir: str, sentence: str, which: str = "latest",
   hyp = np.asarray(seq)[0].tolist()
   hyp = hyp[:hyp.index(EOS_ID) + 1] if EOS_ID in hyp else hyp
   tgt = np.asarray([hyp], np.int32)
-  model = Transformer(s.model_cfg, sow_weights=True)
+  model = Transformer(s.model_cfg)  # sows attention weights: "intermediates" is mutable
   _, inter = jax.jit(lambda p, x, y: model.apply({"params": p}, x, y, mutable=["intermediates"]))(
       params, src, tgt)
   inter = jax.device_get(inter["intermediates"])
