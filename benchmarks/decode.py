@@ -10,9 +10,9 @@ sentences/s, output tokens/s, and how often the search was compiled (1 expected)
 Defaults per config (benchmarks/shapes.py): batch 64 (small), 32 (base), 16 (big); 24 source
 tokens and 24 output tokens per sentence (both incl. EOS), beam 4, alpha 0.6, fp32, the
 library's default attention for the encoder (xla, as --mode=translate; the decoder steps use
-the cached head-major attention of transformer/model.py whatever the flag), randomly
-initialised parameters, and the jitted BeamSearcher of transformer/decode.py over a mesh of
-all devices (one on a CPU).
+the einsum attention over the head-major cache of transformer/kv_cache.py whatever the
+flag), randomly initialised parameters, and the jitted BeamSearcher of transformer/decode.py
+over a mesh of all devices (one on a CPU).
 
 Fixed work: random weights would end sentences at random lengths, so `forbid_eos` gives EOS
 a constant logit of -1000 (the others are O(1)): beam search never picks it before the length

@@ -1,4 +1,4 @@
-r"""Dropout mask cost: `transformer.model.dropout` against `jax.random.bernoulli` masks.
+r"""Dropout mask cost: `transformer.ops.dropout` against `jax.random.bernoulli` masks.
 
   python -m benchmarks.dropout [--masks=17 --shape=64,24,256 --rounds=9]
 
@@ -6,7 +6,7 @@ Times the jitted gradient of a chain of `--masks` dropout + tanh layers on an ac
 `--shape` (default: the small config's 17 residual/embedding dropouts per training step),
 for three mask generators, alternating them within each round:
   bernoulli: `jax.random.bernoulli` (what flax.linen.Dropout uses), one 32-bit draw per element;
-  ours: `transformer.model.dropout`, four 16-bit draws per Threefry hash;
+  ours: `transformer.ops.dropout`, four 16-bit draws per Threefry hash;
   none: the same chain without dropout.
 Prints one JSON object: median milliseconds per call and the mask cost (minus `none`) ratio.
 """
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from transformer.model import dropout
+from transformer.ops import dropout
 
 flags.DEFINE_integer("masks", 17, "Dropout layers in the chain.")
 flags.DEFINE_string("shape", "64,24,256", "Activation shape.")

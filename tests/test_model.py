@@ -39,10 +39,12 @@ def _numpy_attention(q, k, v, mask):
   return out
 
 
+@pytest.mark.parametrize("implementation", ["einsum", "xla"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_matches_numpy_with_padding_and_causal_masks(causal):
+def test_attention_matches_numpy_with_padding_and_causal_masks(causal, implementation):
   rng = np.random.RandomState(0)
-  b, lq, lk, h, dk, dv = 2, 5, 5, 3, 4, 6
+  b, lq, lk, h, dk = 2, 5, 5, 3, 4
+  dv = dk if implementation == "xla" else 6  # the fused kernel needs d_k = d_v
   q, k = rng.randn(b, lq, h, dk), rng.randn(b, lk, h, dk)
   v = rng.randn(b, lk, h, dv)
   key_valid = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)  # first sentence padded
@@ -50,8 +52,58 @@ def test_attention_matches_numpy_with_padding_and_causal_masks(causal):
   if causal:
     mask = mask & np.tril(np.ones((lq, lk), bool))[None, None]
   got = model_lib.dot_product_attention(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
-                                        jnp.asarray(v, jnp.float32), jnp.asarray(mask))
+                                        jnp.asarray(v, jnp.float32), jnp.asarray(mask),
+                                        implementation=implementation)
   np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, k, v, mask), atol=1e-5)
+
+
+def test_attention_of_beam_rows_over_the_head_major_cache_layout_matches_numpy():
+  """The decoding cache's layout: K^T [kv_batch, heads, d_k, kv_len], V [kv_batch, heads,
+  kv_len, d_v], and r = 3 query rows per key/value row, each with its own mask row."""
+  rng = np.random.RandomState(2)
+  kv_b, r, lk, h, dk, dv = 2, 3, 6, 2, 4, 5
+  q = rng.randn(kv_b * r, 1, h, dk)
+  k, v = rng.randn(kv_b, lk, h, dk), rng.randn(kv_b, lk, h, dv)
+  mask = rng.rand(kv_b, 1, r, lk) < 0.6
+  mask[..., 0] = True
+  got = model_lib.dot_product_attention(
+      jnp.asarray(q, jnp.float32), jnp.asarray(k.transpose(0, 2, 3, 1), jnp.float32),
+      jnp.asarray(v.transpose(0, 2, 1, 3), jnp.float32), jnp.asarray(mask), head_major=True)
+  want = _numpy_attention(q, np.repeat(k, r, 0), np.repeat(v, r, 0),
+                          mask.transpose(0, 2, 1, 3).reshape(kv_b * r, 1, 1, lk))
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
+def test_section_3_2_1_runs_in_training_and_in_cached_decoding(monkeypatch):
+  """Every attention of the default configuration (attention_impl='xla') calls
+  `dot_product_attention`: a perturbed one changes the training forward pass and a cached
+  decoding step, and the fused kernel is chosen inside it."""
+  cfg = dataclasses.replace(TINY, attention_impl="xla")
+  m, params = _init(cfg)
+  x = jnp.array([[5, 6, 7, 1, 0], [8, 9, 10, 11, 1]], jnp.int32)
+  y = jnp.array([[5, 9, 1, 0], [7, 7, 7, 1]], jnp.int32)
+  decoder = Transformer(cfg, decoding=True)
+  encoded = m.apply({"params": params}, x, method=Transformer.encode)
+  cache = decoder.init(jax.random.PRNGKey(0), encoded, x, jnp.zeros((2, 4), jnp.int32),
+                       method=Transformer.decode)["cache"]
+  decode_step = lambda: decoder.apply({"params": params, "cache": cache}, encoded, x, y[:, :1],
+                                      method=Transformer.decode, mutable=["cache"])[0]
+
+  train, step = m.apply({"params": params}, x, y), decode_step()
+  original, calls = model_lib.dot_product_attention, []
+
+  def perturbed(*args, **kwargs):
+    calls.append((kwargs["implementation"], kwargs["head_major"]))
+    return 1.5 * original(*args, **kwargs)
+
+  monkeypatch.setattr(model_lib, "dot_product_attention", perturbed)
+  assert not np.allclose(np.asarray(m.apply({"params": params}, x, y)), np.asarray(train))
+  assert calls == [("xla", False)] * (2 + 2 * 2)  # 2 encoder + 2 x 2 decoder attentions
+  calls.clear()
+  assert not np.allclose(np.asarray(decode_step()), np.asarray(step))
+  assert calls == [("xla", True)] * (2 * 2)  # every decoder attention reads the cache
+  monkeypatch.setattr(model_lib, "dot_product_attention", original)
+  np.testing.assert_array_equal(np.asarray(m.apply({"params": params}, x, y)), np.asarray(train))
 
 
 def test_xla_attention_impl_matches_einsum():
@@ -232,50 +284,6 @@ def test_scan_over_layers_equals_the_layer_loop(cache_segment):
   np.testing.assert_allclose(np.asarray(scan_scores), np.asarray(scores), rtol=1e-5, atol=1e-5)
 
 
-def test_dropout_mask_is_threefry_16_bit_uniforms_with_exact_scale():
-  from jax.extend.random import threefry_2x32  # pylint: disable=g-import-not-at-top
-  rate, key = 0.1, jax.random.PRNGKey(7)
-  shape = (64, 37, 50)  # last axis not a multiple of 4: 13 hashes per row, 52 -> 50 values
-  out = np.asarray(model_lib.dropout(jnp.ones(shape), rate, key))
-  threshold = 6554  # round(0.1 * 2^16)
-  scale = 65536 / (65536 - threshold)
-  kept = out != 0
-  np.testing.assert_allclose(out[kept], scale, rtol=1e-6)
-  # Element (i, j, q * 13 + r) is kept iff the q-th 16-bit quarter of the hash of counters
-  # (j * 13 + r, i), recomputed here with the public Threefry function, is >= the threshold
-  # (rate 0.5 here, so that a wrong construction fails each check with probability 1/2).
-  half = np.asarray(model_lib.dropout(jnp.ones(shape), 0.5, key)) != 0
-  rng = np.random.RandomState(0)
-  for i, j, col in zip(rng.randint(0, 64, 60), rng.randint(0, 37, 60), rng.randint(0, 50, 60)):
-    q, r = divmod(int(col), 13)
-    b1, b2 = np.asarray(threefry_2x32(key, np.array([j * 13 + r, i], np.uint32)))
-    u = [b1 & 0xFFFF, b1 >> 16, b2 & 0xFFFF, b2 >> 16][q]
-    assert half[i, j, col] == (u >= 32768) and kept[i, j, col] == (u >= threshold)
-  # Statistics: the keep rate is 1 - 6554/65536 (binomial, 5 standard deviations), and the
-  # four quarters of each hash are uncorrelated.
-  n, p = kept.size, 1 - threshold / 65536
-  assert abs(kept.mean() - p) < 5 * math.sqrt(p * (1 - p) / n)
-  blocks = [kept[..., q * 13:(q + 1) * 13].reshape(-1)[:64 * 37 * 11] for q in range(4)]
-  for a in range(4):
-    for b in range(a + 1, 4):
-      assert abs(np.corrcoef(blocks[a], blocks[b])[0, 1]) < 5 / math.sqrt(blocks[a].size)
-  # E[dropout(x)] = x; the gradient is the same mask times the scale.
-  big = np.asarray(model_lib.dropout(jnp.ones((512, 1024)), rate, key))
-  assert abs(big.mean() - 1.0) < 5 * scale * math.sqrt(p * (1 - p) / big.size)
-  grad = np.asarray(jax.grad(lambda x: model_lib.dropout(x, rate, key).sum())(jnp.ones(shape)))
-  np.testing.assert_array_equal(grad, out)
-  # A typed key with the same data gives the same mask; other keys and PRNGs give others.
-  np.testing.assert_array_equal(np.asarray(model_lib.dropout(jnp.ones(shape), rate,
-                                                             jax.random.key(7))), out)
-  assert (np.asarray(model_lib.dropout(jnp.ones(shape), rate, jax.random.PRNGKey(8))) != out).any()
-  rbg = np.asarray(model_lib.dropout(jnp.ones(shape), rate, jax.random.key(7, impl="rbg"))) != 0
-  assert abs(rbg.mean() - p) < 5 * math.sqrt(p * (1 - p) / n)
-  # Rates 0 and 1; bf16 stays bf16.
-  np.testing.assert_array_equal(np.asarray(model_lib.dropout(jnp.ones(shape), 0.0, key)), 1.0)
-  np.testing.assert_array_equal(np.asarray(model_lib.dropout(jnp.ones(shape), 1.0, key)), 0.0)
-  assert model_lib.dropout(jnp.ones(shape, jnp.bfloat16), rate, key).dtype == jnp.bfloat16
-
-
 # ----------------------------------------------------------------------------
 # Encoder and decoder layers against numpy (residual, LayerNorm, FFN, attention)
 # ----------------------------------------------------------------------------
@@ -308,6 +316,13 @@ def _np_block(x, sublayer, norm, pre_ln, eps):
   return _np_layer_norm(x + sublayer(x), norm, eps)
 
 
+def _np_layer(x, p, attention_blocks, pre_ln, eps):
+  """An encoder/decoder layer: each (block name, attention) block in turn, then the FFN block."""
+  for name, sublayer in attention_blocks:
+    x = _np_block(x, sublayer, p[name]["norm"], pre_ln, eps)
+  return _np_block(x, lambda z: _np_ffn(z, p["ffn"]), p["ffn_block"]["norm"], pre_ln, eps)
+
+
 def _random_params(params, seed):
   """Every parameter (biases and LayerNorm scales included) drawn at random, in float64."""
   leaves, treedef = jax.tree.flatten(params)
@@ -326,11 +341,9 @@ def test_encoder_layer_matches_numpy(pre_ln):
   p = _random_params(nn.unbox(boxed), 1)
   got = layer.apply({"params": jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)},
                     jnp.asarray(x, jnp.float32), mask, True)
-  eps = cfg.layer_norm_epsilon
-  y = _np_block(x, lambda z: _np_mha(z, z, p["self_attention"], mask),
-                p["attention_block"]["norm"], pre_ln, eps)
-  y = _np_block(y, lambda z: _np_ffn(z, p["ffn"]), p["ffn_block"]["norm"], pre_ln, eps)
-  np.testing.assert_allclose(np.asarray(got), y, rtol=2e-4, atol=2e-4)
+  want = _np_layer(x, p, [("attention_block", lambda z: _np_mha(z, z, p["self_attention"], mask))],
+                   pre_ln, cfg.layer_norm_epsilon)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-4)
 
 
 @pytest.mark.parametrize("pre_ln", [False, True])
@@ -348,13 +361,11 @@ def test_decoder_layer_matches_numpy(pre_ln):
   p = _random_params(nn.unbox(boxed), 3)
   got = layer.apply({"params": jax.tree.map(f32, p)}, f32(y_in), f32(enc), self_mask, cross_mask,
                     True)
-  eps = cfg.layer_norm_epsilon
-  y = _np_block(y_in, lambda z: _np_mha(z, z, p["self_attention"], self_mask),
-                p["self_attention_block"]["norm"], pre_ln, eps)
-  y = _np_block(y, lambda z: _np_mha(z, enc, p["cross_attention"], cross_mask),
-                p["cross_attention_block"]["norm"], pre_ln, eps)
-  y = _np_block(y, lambda z: _np_ffn(z, p["ffn"]), p["ffn_block"]["norm"], pre_ln, eps)
-  np.testing.assert_allclose(np.asarray(got), y, rtol=2e-4, atol=2e-4)
+  want = _np_layer(y_in, p, [
+      ("self_attention_block", lambda z: _np_mha(z, z, p["self_attention"], self_mask)),
+      ("cross_attention_block", lambda z: _np_mha(z, enc, p["cross_attention"], cross_mask))],
+                   pre_ln, cfg.layer_norm_epsilon)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-4)
 
 
 @pytest.mark.parametrize("pre_ln", [False, True])

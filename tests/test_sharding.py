@@ -162,7 +162,7 @@ def test_scan_over_layers_shards_the_stacked_parameters_and_matches_one_device()
 
 def test_dropout_mask_is_the_same_on_any_mesh_and_drawn_per_shard():
   from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
-  from transformer.model import dropout  # pylint: disable=g-import-not-at-top
+  from transformer.ops import dropout  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh("data:8", jax.devices()[:8])
   sh = NamedSharding(mesh, P("data"))
   key = jax.random.PRNGKey(0)

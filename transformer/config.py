@@ -88,15 +88,14 @@ class ModelConfig:
   dtype: str = _field("float32", "Compute dtype (float32|bfloat16).")
   param_dtype: str = _field("float32", "Parameter dtype.", restore=MUST_MATCH)
   attention_impl: str = _field(
-      "xla", "xla | cudnn: jax.nn.dot_product_attention; einsum: the plain reference (always"
-      " used with attention dropout or d_k != d_v). Encoder and training only: cached decoding"
-      " has its own head-major einsum.")
+      "xla", "xla | cudnn: jax.nn.dot_product_attention's fused kernel inside the model's one"
+      " attention function; einsum: the plain formula (always used with attention dropout,"
+      " d_k != d_v, and by cached decoding's head-major layout).")
   remat: bool = _field(False, "Rematerialise each layer in the backward pass.")
   scan_layers: bool = _field(
       False, "Run the N layers of each stack as one nn.scan (parameters stacked on a leading"
       " 'layers' axis): compile time independent of N. Checkpoints are not interchangeable"
       " with --noscan_layers.", restore=MUST_MATCH)
-  decode: bool = False                 # autoregressive mode with a KV cache
 
   @property
   def head_dim_k(self) -> int:

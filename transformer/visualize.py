@@ -100,7 +100,7 @@ def plot_attention_maps(model_cfg: ModelConfig, params, source: np.ndarray, targ
   source: [src_len] ids (with EOS); target: [tgt_len] ids, e.g. the beam search's output.
   """
   src, tgt = source[None], target[None]  # [1, len]
-  model = Transformer(model_cfg, sow_weights=True)
+  model = Transformer(model_cfg)  # sows attention weights: "intermediates" is mutable
   _, inter = jax.jit(lambda p, x, y: model.apply({"params": p}, x, y, mutable=["intermediates"]))(
       params, src, tgt)
   inter = jax.device_get(inter["intermediates"])
