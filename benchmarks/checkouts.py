@@ -1,7 +1,7 @@
 r"""Two checkouts of this repository, measured alternately in one run: medians and their ratio.
 
-  python -m benchmarks.checkouts --a=/path/to/old --b=/path/to/new --what=train|decode
-      [--config=small] [--rounds=4] [-- extra benchmark flags]
+  python -m benchmarks.checkouts --a=/path/to/old --b=/path/to/new --bench=train|decode
+      [--bench_config=small] [--ab_rounds=4] [-- extra benchmark flags]
 
 For a change that must keep the speed (a refactor): each round runs benchmarks.train_throughput
 (`median_step_s`) or benchmarks.decode (`median_batch_s`) once in each checkout, each in its
@@ -24,10 +24,10 @@ from absl import app, flags
 
 flags.DEFINE_string("a", None, "Checkout A (e.g. a `git worktree` of the old commit).")
 flags.DEFINE_string("b", None, "Checkout B.")
-flags.DEFINE_enum("what", "train", ["train", "decode"], "Which benchmark.")
-flags.DEFINE_string("config", "small", "--config of the benchmark.")
-flags.DEFINE_integer("rounds", 4, "Rounds; each runs A and B once.")
-flags.DEFINE_string("python", sys.executable, "Interpreter for both checkouts.")
+flags.DEFINE_enum("bench", "train", ["train", "decode"], "Which benchmark.")
+flags.DEFINE_string("bench_config", "small", "--config of the benchmark.")
+flags.DEFINE_integer("ab_rounds", 4, "Rounds; each runs A and B once.")
+flags.DEFINE_string("bench_python", sys.executable, "Interpreter for both checkouts.")
 FLAGS = flags.FLAGS
 
 _BENCH = {"train": ("benchmarks.train_throughput", "median_step_s"),
@@ -35,9 +35,9 @@ _BENCH = {"train": ("benchmarks.train_throughput", "median_step_s"),
 
 
 def _run(checkout: str, extra: list[str]) -> float:
-  """Seconds measured by the benchmark of --what, run in `checkout`."""
-  module, key = _BENCH[FLAGS.what]
-  cmd = [FLAGS.python, "-m", module, f"--config={FLAGS.config}", *extra]
+  """Seconds measured by the benchmark of --bench, run in `checkout`."""
+  module, key = _BENCH[FLAGS.bench]
+  cmd = [FLAGS.bench_python, "-m", module, f"--config={FLAGS.bench_config}", *extra]
   env = dict(os.environ, PYTHONPATH=checkout)
   proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, check=False)
   if proc.returncode != 0:
@@ -67,8 +67,8 @@ def main(argv):
       raise SystemExit(f"error: --{name}={path!r} is not a checkout of this repository")
   if os.path.realpath(FLAGS.a) == os.path.realpath(FLAGS.b):
     raise SystemExit("error: --a and --b are the same checkout")
-  out = measure(FLAGS.a, FLAGS.b, FLAGS.rounds, lambda path: _run(path, extra))
-  print(json.dumps({"what": FLAGS.what, "config": FLAGS.config, "rounds": FLAGS.rounds,
+  out = measure(FLAGS.a, FLAGS.b, FLAGS.ab_rounds, lambda path: _run(path, extra))
+  print(json.dumps({"bench": FLAGS.bench, "config": FLAGS.bench_config, "rounds": FLAGS.ab_rounds,
                     "extra": extra, **out}))
 
 
