@@ -286,6 +286,8 @@ def dot_product_attention(query: Array, key: Array, value: Array, mask: Optional
     dropout_rng: with dropout_rate > 0, dropout on the attention weights.
     implementation: 'xla' | 'cudnn': `jax.nn.dot_product_attention`'s fused kernel (the same
       formula; only without dropout, with d_k = d_v, r = 1 and the standard layout); 'einsum'.
+      An edit to the formula below reaches training with 'einsum' (or attention dropout);
+      tests/test_model.py checks that the fused kernel computes the same numbers.
   Returns:
     [batch, q_len, heads, d_v]
   """
