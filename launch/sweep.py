@@ -1,7 +1,7 @@
 r"""Sweeps: a base flag file x flag overrides -> named runs, each in its own workdir.
 
-  python -m launch.sweep SPEC.json --root=DIR [--parallel=N] [--dry_run] [--slurm]
-                         [--only=NAME|INDEX] [extra --flags for every run...]
+  python -m launch.sweep SPEC.json --root=DIR [--parallel=N [--cpus_per_run=K]] [--dry_run]
+                         [--slurm] [--only=NAME|INDEX] [extra --flags for every run...]
 
 A spec is JSON (see experiments/sweeps/):
 
@@ -34,6 +34,11 @@ overrides), one <step>.log per step and status.json (the steps that finished, wi
 Steps that finished are skipped, so the same command resumes a sweep; `train` itself resumes
 from the run's latest checkpoint. ROOT/sweep.json lists the runs in order (for launch.report).
 
+On a CPU machine, --parallel=N --cpus_per_run=K runs N runs at a time, worker i pinned to its
+own K cores (cores iK..iK+K-1 of those this process may use), so runs do not share cores and a
+run computes with the same number of threads whichever worker takes it (XLA:CPU sizes its
+thread pool from the cores it may use, and its float results can depend on that number).
+
 --slurm writes ROOT/sweep.sbatch, a job array with one task per run (each task calls this
 module with --only=<its run>), and prints the sbatch command instead of running anything.
 """
@@ -47,6 +52,7 @@ import itertools
 import json
 import os
 import re
+import queue
 import shlex
 import subprocess
 import sys
@@ -354,17 +360,33 @@ def _child_env() -> dict[str, str]:
 class Runner:
   """Executes the steps of runs, skipping the steps a run's status.json says are finished."""
 
-  def __init__(self, spec: dict, extra: list[str], root: str, python: str):
+  def __init__(self, spec: dict, extra: list[str], root: str, python: str,
+               cpu_sets: Optional[list[set[int]]] = None):
     self.steps = _steps(spec)
     self.checkpoint = _evaluate_checkpoint(spec, self.steps)
     self.extra, self.root, self.python = extra, root, python
     self._lock = threading.Lock()
+    # Free core sets, one per worker: a run takes one for all its steps and gives it back.
+    self._cpus: Optional[queue.Queue] = None
+    if cpu_sets:
+      self._cpus = queue.Queue()
+      for cpus in cpu_sets:
+        self._cpus.put(cpus)
 
   def say(self, message: str) -> None:
     with self._lock:
       print(f"[sweep] {message}", flush=True)
 
   def run(self, run: dict) -> bool:
+    if self._cpus is None:
+      return self._run(run, None)
+    cpus = self._cpus.get()
+    try:
+      return self._run(run, cpus)
+    finally:
+      self._cpus.put(cpus)
+
+  def _run(self, run: dict, cpus: Optional[set[int]]) -> bool:
     name, workdir = run["name"], os.path.join(self.root, run["name"])
     status_path = os.path.join(workdir, "status.json")
     status = _read_json(status_path) or {"steps": {}}
@@ -375,13 +397,16 @@ class Runner:
     for step in todo:
       cmd = step_command(self.python, run, self.extra, workdir, step, self.checkpoint)
       log = os.path.join(workdir, f"{step}.log")
-      self.say(f"{name}: {step} ... (log {log})")
+      where = f", cpus {','.join(map(str, sorted(cpus)))}" if cpus else ""
+      self.say(f"{name}: {step} ... (log {log}{where})")
       t0 = time.time()
       with open(log, "w", encoding="utf-8") as f:
         f.write("$ " + shlex.join(cmd) + "\n")
         f.flush()
+        # The child is pinned between fork and exec, before it starts any thread.
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         rc = subprocess.call(cmd, cwd=REPO, env=_child_env(), stdout=f, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL)
+                             stdin=subprocess.DEVNULL, preexec_fn=pin)
       seconds = time.time() - t0
       if rc != 0:
         self.say(f"{name}: {step} FAILED (exit {rc}, {seconds:.1f} s): {_last_error(log)}")
@@ -441,6 +466,21 @@ def slurm_script(spec_path: str, spec: dict, runs: list[dict], extra: list[str],
 # Command line
 # ----------------------------------------------------------------------------
 
+def _cpu_sets(parallel: int, cpus_per_run: int, slurm: bool) -> Optional[list[set[int]]]:
+  """--cpus_per_run: one disjoint set of cores per worker, from the cores this process may use."""
+  if cpus_per_run == 0:
+    return None
+  if cpus_per_run < 0:
+    raise SpecError(f"--cpus_per_run must be >= 1 (or 0: no pinning), got {cpus_per_run}")
+  if slurm:
+    raise SpecError("--cpus_per_run pins local runs; with --slurm use the spec's cpus-per-task")
+  cores = sorted(os.sched_getaffinity(0))
+  if parallel * cpus_per_run > len(cores):
+    raise SpecError(f"--parallel={parallel} x --cpus_per_run={cpus_per_run} needs"
+                    f" {parallel * cpus_per_run} cores; this process may use {len(cores)}")
+  return [set(cores[i * cpus_per_run:(i + 1) * cpus_per_run]) for i in range(parallel)]
+
+
 def _select(runs: list[dict], only: Optional[str]) -> list[dict]:
   if only is None:
     return runs
@@ -469,6 +509,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--root", required=True, help="directory of the runs' workdirs")
   parser.add_argument("--parallel", type=int, default=1,
                       help="runs at a time (local); with --slurm, the array's task limit")
+  parser.add_argument("--cpus_per_run", type=int, default=0,
+                      help="local: pin each of the --parallel workers to its own K cores")
   parser.add_argument("--dry_run", "--dry-run", action="store_true",
                       help="print the runs and their commands; write and run nothing")
   parser.add_argument("--slurm", action="store_true",
@@ -483,6 +525,7 @@ def main(argv: Optional[list[str]] = None) -> int:
       raise SpecError(f"unexpected argument {bad[0]!r}; extra run flags look like --name=value")
     if args.parallel < 1:
       raise SpecError(f"--parallel must be >= 1, got {args.parallel}")
+    cpu_sets = _cpu_sets(args.parallel, args.cpus_per_run, args.slurm)
     for a in extra:
       if a.lstrip("-").split("=")[0] in _RESERVED and not a.startswith("--flagfile"):
         raise SpecError(f"{a}: --workdir/--mode/--checkpoint are set by the sweep")
@@ -495,7 +538,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"error: sweep {args.spec}: {e}", file=sys.stderr)
     return 2
 
-  runner = Runner(spec, extra, root, args.python)
+  runner = Runner(spec, extra, root, args.python, cpu_sets)
   if args.slurm:
     script = slurm_script(args.spec, spec, runs, extra, root,
                           args.parallel if args.parallel > 1 else None)

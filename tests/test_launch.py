@@ -330,6 +330,50 @@ def test_parallel_runs_failures_and_resume(tmp_path):
   assert r.returncode == 2 and "already has finished steps made with other flags" in r.stderr
 
 
+_FAKE_AFFINITY = r"""#!PYTHON
+# Stands in for `python -m transformer.main`: records the cores it may use, and when it ran.
+import json, os, sys, time
+workdir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir="))
+start = time.time()
+time.sleep(1.0)
+with open(os.path.join(workdir, "cpus.json"), "a") as f:
+  f.write(json.dumps({"cpus": sorted(os.sched_getaffinity(0)), "start": start,
+                      "end": time.time()}) + "\n")
+"""
+
+
+def test_cpus_per_run_pins_each_worker_to_its_own_cores(tmp_path):
+  cores = sorted(os.sched_getaffinity(0))
+  parallel = min(2, len(cores))
+  fake = tmp_path / "fake_python"
+  fake.write_text(_FAKE_AFFINITY.replace("PYTHON", sys.executable, 1))
+  fake.chmod(0o755)
+  root = tmp_path / "sweep"
+  cmd = [sys.executable, "-m", "launch.sweep", TINY, f"--root={root}", f"--parallel={parallel}",
+         "--cpus_per_run=1", f"--python={fake}"]
+  r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stdout + r.stderr
+  steps = []
+  for name in ("dropout0.0", "dropout0.1", "dropout0.3"):
+    lines = (root / name / "cpus.json").read_text().splitlines()
+    records = [json.loads(l) for l in lines]
+    assert len(records) == 3  # train, average, evaluate
+    # Every step of a run ran on the same single core, one of the first `parallel` cores.
+    assert len({tuple(s["cpus"]) for s in records}) == 1
+    assert records[0]["cpus"] in [[c] for c in cores[:parallel]]
+    steps += records
+  # Steps that overlapped in time ran on different cores.
+  for i, a in enumerate(steps):
+    for b in steps[i + 1:]:
+      if a["start"] < b["end"] and b["start"] < a["end"]:
+        assert a["cpus"] != b["cpus"], (a, b)
+  # Asking for more cores than there are is one error line, and nothing runs.
+  r = subprocess.run(cmd[:-3] + [f"--parallel={len(cores) + 1}", "--cpus_per_run=1"],
+                     cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and r.stderr.strip().startswith("error:")
+  assert f"needs {len(cores) + 1} cores; this process may use {len(cores)}" in r.stderr
+
+
 def test_a_killed_sweep_continues_to_the_same_results(tmp_path, multi30k_dir):
   """SIGKILL the whole sweep mid-training, run it again: the run's record equals an unbroken run's."""
   from launch import table3  # pylint: disable=g-import-not-at-top
