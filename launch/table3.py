@@ -5,6 +5,7 @@ r"""Table 3 of the paper (section 6.2): parameter counts of every row, and the m
   python -m launch.table3 record ROOT --out=DIR            # one JSON record per finished run
   python -m launch.table3 seeds PATH... --spec=S --out=F   # second seeds for close verdicts
   python -m launch.table3 converged PATH... --short=A --long=B --png=P   # budget check
+  python -m launch.table3 converged PATH... --run=R --budget=B --png=P   # on one run's curve
 
 `params` builds each row's model from its flag file with `jax.eval_shape` (no memory, no
 compute) and prints our count next to the paper's params column, which is read from the
@@ -18,7 +19,11 @@ base's dev perplexity and BLEU over its seeds (at least --min_seeds of them); a 
 counts only when it is larger. `report` prints each row next to the paper's, one verdict per
 claim of section 6.2, the rows whose compared gap lies within twice the noise with one seed
 (`seeds` writes a sweep spec that runs them again at another seed), and draws PNG figures.
-`converged` checks that dev perplexity at a budget is within 5% of what twice it gives.
+`converged` checks that dev perplexity at a budget is within 5% of what twice it gives: from
+two runs, or from one run's dev curve at B and 2B steps (the learning rate schedule does not
+depend on the number of steps and training is deterministic, so the first B steps of a longer
+run are the B-step run). A run named `base_2x` (the base at twice the steps, same seed) makes
+`report` do the check too.
 """
 
 from __future__ import annotations
@@ -363,6 +368,18 @@ def converged(short: dict[str, Any], long: dict[str, Any], tolerance: float = 0.
           "ppl_double": long["ppl"], "relative_gap": ratio, "converged": ratio <= tolerance}
 
 
+def converged_on_curve(record: dict[str, Any], budget: int, tolerance: float = 0.05
+                       ) -> dict[str, Any]:
+  """`converged` on one run's dev curve: its perplexity at step `budget` and at 2 x budget."""
+  at = {c["step"]: c["perplexity"] for c in record["curve"]}
+  for step in (budget, 2 * budget):
+    if step not in at:
+      raise ValueError(f"run {record['name']} has no dev perplexity at step {step};"
+                       f" its curve has steps {sorted(at)}")
+  return converged({"step": budget, "ppl": at[budget]},
+                   {"step": 2 * budget, "ppl": at[2 * budget]}, tolerance)
+
+
 def _plot(ours: dict, paper: dict, out_dir: str) -> list[str]:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -431,8 +448,9 @@ def _plot(ours: dict, paper: dict, out_dir: str) -> list[str]:
   return [path1, path2]
 
 
-def _plot_curves(records: list[dict[str, Any]], path: str, title: str) -> str:
-  """Dev perplexity against step, one line per run record."""
+def _plot_curves(records: list[dict[str, Any]], path: str, title: str,
+                 marks: tuple[int, ...] = ()) -> str:
+  """Dev perplexity against step, one line per run record; dotted lines at the `marks` steps."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -441,6 +459,8 @@ def _plot_curves(records: list[dict[str, Any]], path: str, title: str) -> str:
     curve = record["curve"]
     ax.plot([c["step"] for c in curve], [c["perplexity"] for c in curve], "o-", ms=3,
             label=f"{record['name']} ({record['step']} steps)")
+  for step in marks:
+    ax.axvline(step, color="gray", ls=":", lw=1)
   ax.set_yscale("log")
   ax.set_xlabel("step")
   ax.set_ylabel("dev perplexity")
@@ -485,6 +505,8 @@ def _cmd_report(args) -> int:
                  f" {fmt(p.get('params_m'), 'g')} |")
   claims = verdicts(ours, noise)
   need = rows_needing_a_seed(ours, claims, noise)
+  out_dir = os.path.abspath(args.out or os.path.join(paths[0], "report"))
+  os.makedirs(out_dir, exist_ok=True)
   seconds = sum(sum(r["seconds"].values()) for r in records.values())
   base_seeds = ", ".join(f"{v:.2f}" for v in ours["base"]["seed_ppl"])
   text = [f"# Mini Table 3 ({', '.join(paths)})", "", *lines, "",
@@ -493,13 +515,23 @@ def _cmd_report(args) -> int:
           f" {noise['ppl']:.3f}, dev BLEU {noise['bleu']:.2f}. A gap counts only beyond it.", "",
           "| claim (section 6.2) | at this scale | evidence |", "|---|---|---|"]
   text += [f"| {c['claim']} | **{c['verdict']}** | {c['evidence']} |" for c in claims]
+  budget_png = None
+  if "base_2x" in records and "base" in records:
+    check = converged(records["base"], records["base_2x"])
+    text += ["", f"Budget: the base (seed 0) reaches dev PPL {check['ppl']:.2f} at"
+             f" {check['budget_steps']} steps and {check['ppl_double']:.2f} at"
+             f" {check['double_steps']} (base_2x): {100 * check['relative_gap']:+.1f}%,"
+             + (" within 5%: converged." if check["converged"] else
+                " more than 5% above: NOT converged at this budget.")]
+    budget_png = os.path.join(out_dir, "table3_mini_budget.png")
   text += ["", "Rows within twice the noise that have one seed: "
            + (", ".join(need) if need else "none") + ".",
            f"Total wall time of the {len(records)} runs (train + evaluate steps):"
            f" {seconds / 3600:.2f} h."]
-  out_dir = os.path.abspath(args.out or os.path.join(paths[0], "report"))
-  os.makedirs(out_dir, exist_ok=True)
   pngs = _plot(ours, paper, out_dir)
+  if budget_png:
+    pngs.append(_plot_curves([records["base"], records["base_2x"]], budget_png,
+                             "Dev perplexity of the base at the budget and at twice it"))
   base_runs = [records[n] for n in sorted(records) if row_and_seed(n)[0] == "base"]
   pngs.append(_plot_curves(base_runs, os.path.join(out_dir, "table3_mini_base_curves.png"),
                            "Dev perplexity of the base, every seed"))
@@ -555,11 +587,25 @@ def _cmd_converged(args) -> int:
     records = read_records([os.path.abspath(p) for p in args.paths])
   except ValueError as e:
     return _error(str(e))
-  if args.short not in records or args.long not in records:
-    return _error(f"need finished runs {args.short!r} and {args.long!r}; have {sorted(records)}")
-  result = converged(records[args.short], records[args.long], args.tolerance)
-  png = _plot_curves([records[args.short], records[args.long]], args.png,
-                     f"Dev perplexity at the budget and at twice it")
+  if (args.run is None) == (args.short is None or args.long is None):
+    return _error("give --short and --long (two runs), or --run and --budget (one run's curve)")
+  names = [args.run] if args.run else [args.short, args.long]
+  missing = [n for n in names if n not in records]
+  if missing:
+    return _error(f"no finished run {', '.join(missing)}; have {', '.join(sorted(records))}")
+  if args.run:
+    if args.budget is None or args.budget <= 0:
+      return _error("--run needs a positive --budget (steps)")
+    try:
+      result = converged_on_curve(records[args.run], args.budget, args.tolerance)
+    except ValueError as e:
+      return _error(str(e))
+    marks = (args.budget, 2 * args.budget)
+  else:
+    result = converged(records[args.short], records[args.long], args.tolerance)
+    marks = ()
+  png = _plot_curves([records[n] for n in names], args.png,
+                     "Dev perplexity at the budget and at twice it", marks)
   print(json.dumps({**result, "png": png}))
   return 0 if result["converged"] else 1
 
@@ -585,8 +631,10 @@ def main(argv: Optional[list[str]] = None) -> int:
   s.add_argument("--min_seeds", type=int, default=3)
   v = sub.add_parser("converged", help="dev PPL at a budget within --tolerance of twice it?")
   v.add_argument("paths", nargs="+", help="sweep roots and/or directories of run records")
-  v.add_argument("--short", required=True, help="run name at the budget")
-  v.add_argument("--long", required=True, help="run name at twice the budget")
+  v.add_argument("--short", default=None, help="run name at the budget")
+  v.add_argument("--long", default=None, help="run name at twice the budget")
+  v.add_argument("--run", default=None, help="one run that went to at least twice the budget")
+  v.add_argument("--budget", type=int, default=None, help="with --run: the budget in steps")
   v.add_argument("--tolerance", type=float, default=0.05)
   v.add_argument("--png", required=True, help="where to draw both dev curves")
   args = parser.parse_args(argv)

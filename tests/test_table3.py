@@ -54,7 +54,7 @@ def test_params_table_solves_the_paper_vocabulary():
 
 def _ours(**changes):
   """Hand-made mini results in which every claim of section 6.2 holds (noise 0.1 PPL)."""
-  ppl = {"base": 10.0, "base_seed1": 10.1, "a_h1": 11.0, "a_h4": 10.2, "a_h16": 9.9,
+  ppl = {"base": 10.0, "base_seed1": 10.1, "base_seed2": 10.05, "base_2x": 9.8, "a_h1": 11.0, "a_h4": 10.2, "a_h16": 9.9,
          "a_h32": 10.5, "b_dk16": 10.8, "b_dk32": 10.4, "c_n2": 12.0, "c_n4": 10.6, "c_n8": 9.6,
          "c_d256": 12.5, "c_d1024": 9.0, "c_dff1024": 10.5, "c_dff4096": 9.7, "d_drop0": 10.6,
          "d_drop02": 10.1, "d_ls0": 9.5, "d_ls02": 10.3, "e_learned": 10.05, "big": 8.8}
@@ -164,6 +164,32 @@ def test_converged_compares_the_budget_with_twice_it():
   assert not result["converged"] and abs(result["relative_gap"] - (10.4 / 9.8 - 1)) < 1e-12
 
 
+def test_converged_on_one_runs_curve(tmp_path, capsys):
+  curve = [{"step": s, "nll": 0.0, "perplexity": p}
+           for s, p in ((1000, 20.0), (2000, 10.4), (3000, 10.1), (4000, 10.0))]
+  record = {"name": "lr1.0", "step": 4000, "ppl": 10.0, "curve": curve}
+  result = table3.converged_on_curve(record, 2000)              # 10.4 / 10.0: 4% above
+  assert result["converged"] and (result["budget_steps"], result["double_steps"]) == (2000, 4000)
+  assert not table3.converged_on_curve(record, 1000)["converged"]  # 20.0 / 10.4
+  with pytest.raises(ValueError, match="no dev perplexity at step 6000"):
+    table3.converged_on_curve(record, 3000)
+  (tmp_path / "runs").mkdir()
+  (tmp_path / "runs" / "lr1.0.json").write_text(json.dumps(record))
+  png = tmp_path / "budget.png"
+  args = ["converged", str(tmp_path / "runs"), "--run=lr1.0", f"--png={png}"]
+  assert table3.main(args + ["--budget=2000"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["converged"] and abs(out["relative_gap"] - 0.04) < 1e-12
+  assert png.stat().st_size > 10_000
+  assert table3.main(args + ["--budget=1000"]) == 1                # not converged: exit 1
+  capsys.readouterr()
+  for bad, message in ((["--budget=3000"], "no dev perplexity at step 6000"),
+                       ([], "--run needs a positive --budget"),
+                       (["--budget=2000", "--short=lr1.0", "--long=lr1.0"], "give --short")):
+    assert table3.main(args + bad) == 2
+    assert message in capsys.readouterr().err
+
+
 def _write_hand_made_sweep(root, ours):
   spec = sweep.load_spec(os.path.join(table3.REPO, "experiments", "sweeps", "table3_mini.json"))
   runs = sweep.expand(spec, str(root))
@@ -189,20 +215,25 @@ def _write_hand_made_sweep(root, ours):
 def test_report_of_a_hand_made_sweep_and_of_its_records(tmp_path, capsys):
   ours = _ours()
   runs = _write_hand_made_sweep(tmp_path / "sweep", ours)
-  assert [r["name"] for r in runs] == ["base", "base_seed1", *table3.ROWS[1:]]
+  assert [r["name"] for r in runs] == ["base_2x", "base", "base_seed1", "base_seed2",
+                                       *table3.ROWS[1:]]
   root = str(tmp_path / "sweep")
-  # Two seeds of the base are fewer than the default three: an error, not a verdict.
-  assert table3.main(["report", root]) == 2
-  assert "needs at least 3 seeds of the base; have 2" in capsys.readouterr().err
-  assert table3.main(["report", root, "--min_seeds=2"]) == 0
+  # Fewer seeds of the base than asked for: an error, not a verdict.
+  assert table3.main(["report", root, "--min_seeds=4"]) == 2
+  assert "needs at least 4 seeds of the base; have 3" in capsys.readouterr().err
+  assert table3.main(["report", root]) == 0
   out = capsys.readouterr().out
   assert "| a_h1 | num_heads=1, d_k=128, d_v=128 | " in out
-  # base is the mean of 10.0 and 10.1; the spread 0.1 is the noise.
-  assert "| base | - | 1,895,936 | 2 | 1.500 | 10.05 | " in out
+  # base is the mean of 10.0, 10.1 and 10.05; the spread 0.1 is the noise.
+  assert "| base | - | 1,895,936 | 3 | 1.500 | 10.05 | " in out
   assert out.count("**held**") == 10, out
   assert "dev PPL 0.100, dev BLEU 0.20" in out
-  assert "Total wall time of the 21 runs (train + evaluate steps): 2.10 h." in out
-  for png in ("table3_mini_rows.png", "table3_mini_blocks.png", "table3_mini_base_curves.png"):
+  # The budget check: seed 0 of the base (10.0) against base_2x (9.8) is 2.0% above.
+  assert ("reaches dev PPL 10.00 at 400 steps and 9.80 at 400 (base_2x): +2.0%, within 5%:"
+          " converged.") in out
+  assert "Total wall time of the 23 runs (train + evaluate steps): 2.30 h." in out
+  for png in ("table3_mini_rows.png", "table3_mini_blocks.png", "table3_mini_base_curves.png",
+              "table3_mini_budget.png"):
     assert (tmp_path / "sweep" / "report" / png).stat().st_size > 10_000
   # The same report from the committed records, with no sweep directory at all.
   assert table3.main(["record", root, f"--out={tmp_path / 'records'}"]) == 0
@@ -212,12 +243,11 @@ def test_report_of_a_hand_made_sweep_and_of_its_records(tmp_path, capsys):
                              {"step": 400, "nll": 2.0, "perplexity": 9.6}]
   assert record["seconds"] == {"train": 300.0, "evaluate": 60.0}
   assert not any("tfds_data_dir" in f or "vocab_path" in f for f in record["flags"])
-  assert table3.main(["report", str(tmp_path / "records"), "--min_seeds=2",
-                      f"--out={tmp_path / 'r2'}"]) == 0
+  assert table3.main(["report", str(tmp_path / "records"), f"--out={tmp_path / 'r2'}"]) == 0
   out2 = capsys.readouterr().out
   assert out2.split("\n", 1)[1] == out.split("\n", 1)[1].replace(
       str(tmp_path / "sweep" / "report"), str(tmp_path / "r2"))
   # A sweep with a run missing is an error, not a partial verdict.
   (tmp_path / "sweep" / "c_n8" / "validation.latest.json").unlink()
-  assert table3.main(["report", root, "--min_seeds=2"]) == 2
+  assert table3.main(["report", root]) == 2
   assert "no finished evaluate step for runs c_n8" in capsys.readouterr().err
