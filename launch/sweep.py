@@ -32,7 +32,9 @@ Each run gets ROOT/<name>/ with flags.txt (a flag file: `python -m transformer.m
 --flagfile=ROOT/<name>/flags.txt --mode=...` from the repo root repeats it), run.json (its
 overrides), one <step>.log per step and status.json (the steps that finished, with times).
 Steps that finished are skipped, so the same command resumes a sweep; `train` itself resumes
-from the run's latest checkpoint. ROOT/sweep.json lists the runs in order (for launch.report).
+from the run's latest checkpoint, and a step's seconds in status.json count every attempt
+(`interrupted_seconds`: those of attempts that were killed or failed). ROOT/sweep.json lists
+the runs in order (for launch.report).
 
 On a CPU machine, --parallel=N --cpus_per_run=K runs N runs at a time, worker i pinned to its
 own K cores (cores iK..iK+K-1 of those this process may use), so runs do not share cores and a
@@ -399,8 +401,15 @@ class Runner:
       log = os.path.join(workdir, f"{step}.log")
       where = f", cpus {','.join(map(str, sorted(cpus)))}" if cpus else ""
       self.say(f"{name}: {step} ... (log {log}{where})")
+      # An attempt that was killed ran from its start to its log's last write; the step's
+      # seconds count every attempt (the log is appended to, so each attempt's output stays).
+      earlier = status.pop("running", None)
+      if earlier and earlier["step"] == step and os.path.exists(log):
+        self._add_interrupted(status, step, os.path.getmtime(log) - earlier["started"])
       t0 = time.time()
-      with open(log, "w", encoding="utf-8") as f:
+      status["running"] = {"step": step, "started": t0}
+      _write_json(status_path, status)
+      with open(log, "a", encoding="utf-8") as f:
         f.write("$ " + shlex.join(cmd) + "\n")
         f.flush()
         # The child is pinned between fork and exec, before it starts any thread.
@@ -408,13 +417,22 @@ class Runner:
         rc = subprocess.call(cmd, cwd=REPO, env=_child_env(), stdout=f, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, preexec_fn=pin)
       seconds = time.time() - t0
+      del status["running"]
       if rc != 0:
+        self._add_interrupted(status, step, seconds)
+        _write_json(status_path, status)
         self.say(f"{name}: {step} FAILED (exit {rc}, {seconds:.1f} s): {_last_error(log)}")
         return False
-      status["steps"][step] = {"seconds": round(seconds, 2), "finished": time.time()}
+      earlier = status.get("interrupted_seconds", {}).get(step, 0.0)
+      status["steps"][step] = {"seconds": round(seconds + earlier, 2), "finished": time.time()}
       _write_json(status_path, status)
       self.say(f"{name}: {step} done in {seconds:.1f} s")
     return True
+
+  @staticmethod
+  def _add_interrupted(status: dict, step: str, seconds: float) -> None:
+    lost = status.setdefault("interrupted_seconds", {})
+    lost[step] = round(lost.get(step, 0.0) + max(0.0, seconds), 2)
 
 
 def _last_error(log: str) -> str:

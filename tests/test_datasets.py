@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import glob
 import itertools
+import fcntl
 import os
 import sys
+import threading
 
 import pytest
 
@@ -155,14 +157,19 @@ def test_non_utf8_policies(tmp_path):
     assert ds[-1] == {"source": "auch gut", "target": "also fine", "id": 3}
 
 
-def test_multi30k_local_dir(multi30k_dir, tmp_path):
-  """Multi30k builder on truncated copies of the three splits (fast)."""
-  raw = tmp_path / "m30k"
+def _multi30k_prefix(multi30k_dir, raw, n):
+  """raw/ with the first n[stem] lines of each Multi30k file."""
   raw.mkdir()
-  n = {"train": 150, "val": 40, "test_2016_flickr": 30}
   for stem, k in n.items():
     for lang in ("en", "de"):
       _write_lines(raw / f"{stem}.{lang}", _raw_lines(multi30k_dir / f"{stem}.{lang}", k))
+  return raw
+
+
+def test_multi30k_local_dir(multi30k_dir, tmp_path):
+  """Multi30k builder on truncated copies of the three splits (fast)."""
+  n = {"train": 150, "val": 40, "test_2016_flickr": 30}
+  raw = _multi30k_prefix(multi30k_dir, tmp_path / "m30k", n)
   data_dir = str(tmp_path / "tfds")
   for src, tgt in (("en", "de"), ("de", "en")):
     cfg = DataConfig(dataset="multi30k", raw_data_dir=str(raw), source_lang=src,
@@ -190,6 +197,47 @@ def test_multi30k_real_validation_against_raw(multi30k_dir, tmp_path):
     assert len(ds) == len(src) == len(tgt)
     for ex, s, t, i in zip(itertools.islice(ds, None), src, tgt, itertools.count()):
       assert ex == {"source": s, "target": t, "id": i}
+
+
+def test_a_job_waiting_for_another_jobs_preparation_reads_it(multi30k_dir, tmp_path,
+                                                            monkeypatch):
+  """Two jobs sharing a data dir (a sweep's parallel runs), both seeing it unprepared: the one
+  that waits on the lock prepares nothing and reads the other's dataset, splits included."""
+  raw = _multi30k_prefix(multi30k_dir, tmp_path / "m30k",
+                         {"train": 120, "val": 30, "test_2016_flickr": 20})
+  data_dir = str(tmp_path / "tfds")
+  make = lambda: datasets.Multi30k(config="replace", data_dir=data_dir, raw_data_dir=str(raw),
+                                   file_format="array_record")
+  first, second = make(), make()  # both made before anything is prepared
+  assert not first.is_prepared() and not second.is_prepared()
+
+  waiting = threading.Event()
+  real_flock = fcntl.flock
+  def flock(f, op):
+    if op == fcntl.LOCK_EX:
+      waiting.set()
+    real_flock(f, op)
+  monkeypatch.setattr(datasets.fcntl, "flock", flock)
+  prepared = []
+  real_prepare = datasets._download_and_prepare
+  monkeypatch.setattr(datasets, "_download_and_prepare",
+                      lambda b, local: (prepared.append(b), real_prepare(b, local)))
+
+  os.makedirs(data_dir)
+  with open(os.path.join(data_dir, ".multi30k.prepare.lock"), "a", encoding="utf-8") as lock:
+    real_flock(lock, fcntl.LOCK_EX)  # the other job holds the lock ...
+    thread = threading.Thread(target=datasets.prepare, args=(second,))
+    thread.start()
+    assert waiting.wait(timeout=60)
+    real_prepare(first, True)  # ... and prepares while this one waits
+    real_flock(lock, fcntl.LOCK_UN)
+  thread.join(timeout=120)
+  assert not thread.is_alive() and prepared == []
+  assert {k: v.num_examples for k, v in second.info.splits.items()} == {
+      "train": 120, "validation": 30, "test": 20}
+  ds = datasets.ParallelSplit(second.as_data_source(split="validation"), "en", "de",
+                              has_id=True, ordered=False)
+  assert [ex["target"] for ex in ds] == _raw_lines(raw / "val.de")
 
 
 def test_describe_failure_keeps_the_root_cause():

@@ -403,12 +403,21 @@ def test_a_killed_sweep_continues_to_the_same_results(tmp_path, multi30k_dir):
   os.killpg(proc.pid, 9)
   proc.wait(timeout=60)
   assert first.is_dir(), "the sweep did not write its first checkpoint within 300 s"
+  status_started = json.loads((broken / "base" / "status.json").read_text())["running"]["started"]
   assert not (broken / "base" / "checkpoints" / "24").exists(), "killed too late to test resume"
-  assert not (broken / "base" / "status.json").exists()  # no step had finished
+  status = json.loads((broken / "base" / "status.json").read_text())
+  assert status["steps"] == {} and status["running"]["step"] == "train"  # nothing finished
+  killed_at = (broken / "base" / "train.log").stat().st_mtime
   r = subprocess.run(sweep_cmd(broken), cwd=REPO, env=_env(), capture_output=True, text=True,
                      timeout=600)
   assert r.returncode == 0, r.stdout + r.stderr
-  assert "resumed from step " in (broken / "base" / "train.log").read_text()
+  log = (broken / "base" / "train.log").read_text()
+  assert "resumed from step " in log and log.count("$ ") == 2  # both attempts' output
+  # The train step's seconds count the killed attempt too: start to its log's last write.
+  status = json.loads((broken / "base" / "status.json").read_text())
+  lost = status["interrupted_seconds"]["train"]
+  assert abs(lost - (killed_at - status_started)) < 0.05, (lost, killed_at, status_started)
+  assert status["steps"]["train"]["seconds"] > lost > 0 and "running" not in status
   a = table3.read_run(str(whole / "base"))
   b = table3.read_run(str(broken / "base"))
   for key in ("step", "ppl", "dev_nll", "bleu", "bleu_tok", "train_nll", "curve", "params"):

@@ -54,10 +54,11 @@ def test_params_table_solves_the_paper_vocabulary():
 
 def _ours(**changes):
   """Hand-made mini results in which every claim of section 6.2 holds (noise 0.1 PPL)."""
-  ppl = {"base": 10.0, "base_seed1": 10.1, "base_seed2": 10.05, "base_2x": 9.8, "a_h1": 11.0, "a_h4": 10.2, "a_h16": 9.9,
-         "a_h32": 10.5, "b_dk16": 10.8, "b_dk32": 10.4, "c_n2": 12.0, "c_n4": 10.6, "c_n8": 9.6,
-         "c_d256": 12.5, "c_d1024": 9.0, "c_dff1024": 10.5, "c_dff4096": 9.7, "d_drop0": 10.6,
-         "d_drop02": 10.1, "d_ls0": 9.5, "d_ls02": 10.3, "e_learned": 10.05, "big": 8.8}
+  ppl = {"base": 10.0, "base_seed1": 10.1, "base_seed2": 10.05, "base_2x": 9.8, "a_h1": 11.0,
+         "a_h4": 10.2, "a_h16": 9.9, "a_h32": 10.5, "b_dk16": 10.8, "b_dk32": 10.4, "c_n2": 12.0,
+         "c_n4": 10.6, "c_n8": 9.6, "c_d256": 12.5, "c_d1024": 9.0, "c_dff1024": 10.5,
+         "c_dff4096": 9.7, "d_drop0": 10.6, "d_drop02": 10.1, "d_ls0": 9.5, "d_ls02": 10.3,
+         "e_learned": 10.05, "big": 8.8}
   ppl.update(changes)
   # BLEU falls 2 points per PPL point; ls0 is the exception (lower PPL, lower BLEU).
   out = {k: {"ppl": v, "bleu": 30 - 2 * (v - 10), "dev_nll": 2.0, "train_nll": 1.5}
@@ -191,8 +192,11 @@ def test_converged_on_one_runs_curve(tmp_path, capsys):
 
 
 def _write_hand_made_sweep(root, ours):
-  spec = sweep.load_spec(os.path.join(table3.REPO, "experiments", "sweeps", "table3_mini.json"))
-  runs = sweep.expand(spec, str(root))
+  """The runs of the committed mini Table 3 spec and of its budget check, as finished workdirs."""
+  runs = []
+  for name in ("table3_mini.json", "table3_budget.json"):
+    spec = sweep.load_spec(os.path.join(table3.REPO, "experiments", "sweeps", name))
+    runs += sweep.expand(spec, str(root))
   for run in runs:
     workdir = root / run["name"]
     workdir.mkdir(parents=True)
@@ -215,8 +219,8 @@ def _write_hand_made_sweep(root, ours):
 def test_report_of_a_hand_made_sweep_and_of_its_records(tmp_path, capsys):
   ours = _ours()
   runs = _write_hand_made_sweep(tmp_path / "sweep", ours)
-  assert [r["name"] for r in runs] == ["base_2x", "base", "base_seed1", "base_seed2",
-                                       *table3.ROWS[1:]]
+  assert [r["name"] for r in runs] == ["base", "base_seed1", "base_seed2",
+                                       *table3.ROWS[1:-1], "big", "base_2x"]
   root = str(tmp_path / "sweep")
   # Fewer seeds of the base than asked for: an error, not a verdict.
   assert table3.main(["report", root, "--min_seeds=4"]) == 2

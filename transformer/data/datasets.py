@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import importlib
 import os
@@ -442,7 +443,8 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
   files pass through unchanged. Downloads, extraction and
   writing happen in TFDS's temporary directories, renamed into place only
   when complete, so an interrupted or failed preparation is never taken for
-  a prepared dataset and the next call prepares again.
+  a prepared dataset and the next call prepares again. Jobs sharing a local
+  data dir prepare it once (`_preparing`).
 
   Raises:
     DataError: preparing a downloaded dataset failed (one line with the cause).
@@ -453,6 +455,36 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
   local = getattr(builder, "reads_local_files", False)
   if local:
     builder.check_raw_files()
+  with _preparing(builder):
+    if builder.is_prepared():  # another process prepared it while this one waited
+      builder.info.read_from_directory(builder.data_dir)
+      logging.info("%s was prepared by another process", builder.info.full_name)
+      return
+    _download_and_prepare(builder, local)
+
+
+@contextlib.contextmanager
+def _preparing(builder: tfds.core.DatasetBuilder) -> Iterator[None]:
+  """Holds an exclusive lock on `<data dir>/.<name>.prepare.lock` while preparing.
+
+  Independent jobs sharing a --tfds_data_dir (a sweep's parallel runs) prepare
+  a dataset once: the others wait, then read it. Object stores (gs://) have no
+  file locks; there, jobs sharing a data dir need a `--mode=prepare` first.
+  """
+  root = os.fspath(builder.data_dir_root)
+  if "://" in root:
+    yield
+    return
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, f".{builder.name}.prepare.lock"), "a", encoding="utf-8") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _download_and_prepare(builder: tfds.core.DatasetBuilder, local: bool) -> None:
   logging.info("Preparing %s in %s", builder.info.full_name, builder.data_dir)
   wmt = type(builder).__module__.startswith("tensorflow_datasets.translate.wmt")
   try:
