@@ -4,6 +4,7 @@ r"""Table 3 of the paper (section 6.2): parameter counts of every row, and the m
   python -m launch.table3 report PATH... [--out=DIR]       # the table, verdicts and PNGs
   python -m launch.table3 record ROOT --out=DIR            # one JSON record per finished run
   python -m launch.table3 seeds PATH... --spec=S --out=F   # second seeds for close verdicts
+  python -m launch.table3 remaining PATH... --spec=S --out=F   # the runs not yet recorded
   python -m launch.table3 converged PATH... --short=A --long=B --png=P   # budget check
   python -m launch.table3 converged PATH... --run=R --budget=B --png=P   # on one run's curve
 
@@ -19,7 +20,8 @@ base's dev perplexity and BLEU over its seeds (at least --min_seeds of them); a 
 counts only when it is larger. `report` prints each row next to the paper's, one verdict per
 claim of section 6.2, the rows whose compared gap lies within twice the noise with one seed
 (`seeds` writes a sweep spec that runs them again at another seed), and draws PNG figures.
-`converged` checks that dev perplexity at a budget is within 5% of what twice it gives: from
+`remaining` writes the spec's runs that have no record yet, so a sweep continues on another
+machine or disk from the committed records. `converged` checks that dev perplexity at a budget is within 5% of what twice it gives: from
 two runs, or from one run's dev curve at B and 2B steps (the learning rate schedule does not
 depend on the number of steps and training is deterministic, so the first B steps of a longer
 run are the B-step run). A run named `base_2x` (the base at twice the steps, same seed) makes
@@ -547,6 +549,43 @@ def _cmd_report(args) -> int:
   return 0
 
 
+def remaining_spec(spec: dict[str, Any], records: dict[str, dict[str, Any]]
+                   ) -> dict[str, Any]:
+  """`spec` with only the runs that have no record, in the spec's order.
+
+  Raises:
+    ValueError: a record whose overrides differ from its run's flags in the spec.
+  """
+  runs = spec.get("runs", [])
+  stale = [r["name"] for r in runs
+           if r["name"] in records and records[r["name"]].get("overrides") != r.get("flags", {})]
+  if stale:
+    raise ValueError(f"records {', '.join(stale)} were made with other flags than the spec's")
+  out = dict(spec, runs=[r for r in runs if r["name"] not in records])
+  done = [r["name"] for r in runs if r["name"] in records]
+  out["description"] = (f"The runs without a record ({len(done)} of {len(runs)} recorded). "
+                        + spec.get("description", ""))
+  return out
+
+
+def _cmd_remaining(args) -> int:
+  from launch import sweep  # pylint: disable=g-import-not-at-top
+  try:
+    records = read_records([os.path.abspath(p) for p in args.paths])
+    spec = remaining_spec(sweep.load_spec(args.spec), records)
+  except (ValueError, sweep.SpecError) as e:
+    return _error(str(e))
+  if not spec["runs"]:
+    print("every run of the spec has a record: nothing to run")
+    return 0
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w", encoding="utf-8") as f:
+    json.dump(spec, f, indent=2)
+    f.write("\n")
+  print(f"wrote {args.out}: {', '.join(r['name'] for r in spec['runs'])}")
+  return 0
+
+
 def _cmd_record(args) -> int:
   try:
     records = read_records([os.path.abspath(args.root)])
@@ -560,6 +599,7 @@ def _cmd_record(args) -> int:
 
 
 def _cmd_seeds(args) -> int:
+  from launch import sweep  # pylint: disable=g-import-not-at-top
   try:
     records = read_records([os.path.abspath(p) for p in args.paths])
     ours = by_row(records)
@@ -568,7 +608,6 @@ def _cmd_seeds(args) -> int:
       raise ValueError(f"no finished evaluate step for runs {', '.join(missing)}")
     noise = seed_noise(ours, args.min_seeds)
     need = rows_needing_a_seed(ours, verdicts(ours, noise), noise)
-    from launch import sweep  # pylint: disable=g-import-not-at-top
     spec = second_seed_spec(sweep.load_spec(args.spec), need, args.seed)
   except (ValueError, sweep.SpecError) as e:
     return _error(str(e))
@@ -629,6 +668,10 @@ def main(argv: Optional[list[str]] = None) -> int:
   s.add_argument("--out", required=True, help="where to write the second-seed spec (JSON)")
   s.add_argument("--seed", type=int, default=1)
   s.add_argument("--min_seeds", type=int, default=3)
+  m = sub.add_parser("remaining", help="a sweep spec of the spec's runs without a record")
+  m.add_argument("paths", nargs="+", help="sweep roots and/or directories of run records")
+  m.add_argument("--spec", required=True, help="the sweep spec")
+  m.add_argument("--out", required=True, help="where to write the spec of remaining runs (JSON)")
   v = sub.add_parser("converged", help="dev PPL at a budget within --tolerance of twice it?")
   v.add_argument("paths", nargs="+", help="sweep roots and/or directories of run records")
   v.add_argument("--short", default=None, help="run name at the budget")
@@ -643,7 +686,7 @@ def main(argv: Optional[list[str]] = None) -> int:
       return _error(f"--vocab_size must be positive, got {args.vocab_size}")
     return _cmd_params(args)
   return {"report": _cmd_report, "record": _cmd_record, "seeds": _cmd_seeds,
-          "converged": _cmd_converged}[args.command](args)
+          "remaining": _cmd_remaining, "converged": _cmd_converged}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -255,3 +255,44 @@ def test_report_of_a_hand_made_sweep_and_of_its_records(tmp_path, capsys):
   (tmp_path / "sweep" / "c_n8" / "validation.latest.json").unlink()
   assert table3.main(["report", root]) == 2
   assert "no finished evaluate step for runs c_n8" in capsys.readouterr().err
+
+
+def test_remaining_lists_the_runs_without_a_record(tmp_path, capsys):
+  """A sweep continued on another disk from the committed records runs only the others."""
+  spec_path = os.path.join(table3.REPO, "experiments", "sweeps", "table3_mini.json")
+  spec = sweep.load_spec(spec_path)
+  records = tmp_path / "records"
+  records.mkdir()
+  done = {"base", "a_h16", "big"}
+  for run in spec["runs"]:
+    if run["name"] in done:
+      (records / f"{run['name']}.json").write_text(json.dumps(
+          {"name": run["name"], "ppl": 10.0, "overrides": run.get("flags", {})}))
+  out = tmp_path / "R" / "left.json"  # its directory is made
+  args = ["remaining", str(records), f"--spec={spec_path}", f"--out={out}"]
+  assert table3.main(args) == 0
+  left = json.loads(out.read_text())
+  assert [r["name"] for r in left["runs"]] == [r["name"] for r in spec["runs"]
+                                               if r["name"] not in done]
+  assert left["runs"][0] == spec["runs"][1]  # base_seed1, unchanged
+  assert {k: v for k, v in left.items() if k not in ("runs", "description")} == {
+      k: v for k, v in spec.items() if k not in ("runs", "description")}
+  assert "(3 of 22 recorded)" in left["description"]
+  assert [r["name"] for r in sweep.expand(left, str(tmp_path / "R"))] == [
+      r["name"] for r in left["runs"]]
+  assert "wrote" in capsys.readouterr().out
+  # A record made with other flags than the spec's: an error, nothing written.
+  (records / "a_h16.json").write_text(json.dumps(
+      {"name": "a_h16", "ppl": 10.0, "overrides": {"num_heads": 2}}))
+  out.unlink()
+  assert table3.main(args) == 2
+  assert "records a_h16 were made with other flags" in capsys.readouterr().err
+  assert not out.exists()
+  assert table3.main(["remaining", str(tmp_path / "nowhere"), f"--spec={spec_path}",
+                      f"--out={out}"]) == 2
+  assert "is not a directory" in capsys.readouterr().err
+  for run in spec["runs"]:  # every run recorded: nothing to run
+    (records / f"{run['name']}.json").write_text(json.dumps(
+        {"name": run["name"], "ppl": 10.0, "overrides": run.get("flags", {})}))
+  assert table3.main(args) == 0
+  assert "nothing to run" in capsys.readouterr().out and not out.exists()
