@@ -423,8 +423,8 @@ class Runner:
         _write_json(status_path, status)
         self.say(f"{name}: {step} FAILED (exit {rc}, {seconds:.1f} s): {_last_error(log)}")
         return False
-      earlier = status.get("interrupted_seconds", {}).get(step, 0.0)
-      status["steps"][step] = {"seconds": round(seconds + earlier, 2), "finished": time.time()}
+      lost = status.get("interrupted_seconds", {}).get(step, 0.0)
+      status["steps"][step] = {"seconds": round(seconds + lost, 2), "finished": time.time()}
       _write_json(status_path, status)
       self.say(f"{name}: {step} done in {seconds:.1f} s")
     return True

@@ -21,10 +21,10 @@ counts only when it is larger. `report` prints each row next to the paper's, one
 claim of section 6.2, the rows whose compared gap lies within twice the noise with one seed
 (`seeds` writes a sweep spec that runs them again at another seed), and draws PNG figures.
 `remaining` writes the spec's runs that have no record yet, so a sweep continues on another
-machine or disk from the committed records. `converged` checks that dev perplexity at a budget is within 5% of what twice it gives: from
-two runs, or from one run's dev curve at B and 2B steps (the learning rate schedule does not
-depend on the number of steps and training is deterministic, so the first B steps of a longer
-run are the B-step run). A run named `base_2x` (the base at twice the steps, same seed) makes
+machine or disk from the committed records. `converged` checks that dev perplexity at a budget
+is within 5% of what twice it gives: from two runs, or from one run's dev curve at B and 2B
+steps (the learning rate schedule does not depend on the number of steps and training is
+deterministic, so the first B steps of a longer run are the B-step run). A run named `base_2x` (the base at twice the steps, same seed) makes
 `report` do the check too.
 """
 
@@ -561,11 +561,18 @@ def remaining_spec(spec: dict[str, Any], records: dict[str, dict[str, Any]]
            if r["name"] in records and records[r["name"]].get("overrides") != r.get("flags", {})]
   if stale:
     raise ValueError(f"records {', '.join(stale)} were made with other flags than the spec's")
-  out = dict(spec, runs=[r for r in runs if r["name"] not in records])
-  done = [r["name"] for r in runs if r["name"] in records]
-  out["description"] = (f"The runs without a record ({len(done)} of {len(runs)} recorded). "
-                        + spec.get("description", ""))
-  return out
+  left = [r for r in runs if r["name"] not in records]
+  return dict(spec, runs=left, description=(
+      f"The runs without a record ({len(runs) - len(left)} of {len(runs)} recorded). "
+      + spec.get("description", "")))
+
+
+def _write_spec(spec: dict[str, Any], path: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(spec, f, indent=2)
+    f.write("\n")
+  print(f"wrote {path}: {', '.join(r['name'] for r in spec['runs'])}")
 
 
 def _cmd_remaining(args) -> int:
@@ -578,11 +585,7 @@ def _cmd_remaining(args) -> int:
   if not spec["runs"]:
     print("every run of the spec has a record: nothing to run")
     return 0
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump(spec, f, indent=2)
-    f.write("\n")
-  print(f"wrote {args.out}: {', '.join(r['name'] for r in spec['runs'])}")
+  _write_spec(spec, args.out)
   return 0
 
 
@@ -614,10 +617,7 @@ def _cmd_seeds(args) -> int:
   if not need:
     print("every row within twice the noise already has two seeds: nothing to run")
     return 0
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump(spec, f, indent=2)
-    f.write("\n")
-  print(f"wrote {args.out}: {', '.join(r['name'] for r in spec['runs'])}")
+  _write_spec(spec, args.out)
   return 0
 
 

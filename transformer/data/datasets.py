@@ -477,11 +477,8 @@ def _preparing(builder: tfds.core.DatasetBuilder) -> Iterator[None]:
     return
   os.makedirs(root, exist_ok=True)
   with open(os.path.join(root, f".{builder.name}.prepare.lock"), "a", encoding="utf-8") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+    fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
+    yield
 
 
 def _download_and_prepare(builder: tfds.core.DatasetBuilder, local: bool) -> None:
