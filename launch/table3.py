@@ -1,7 +1,7 @@
 r"""Table 3 of the paper (section 6.2): parameter counts of every row, and the mini Table 3.
 
   python -m launch.table3 params [--vocab_size=V]          # every experiments/paper/table3 row
-  python -m launch.table3 report PATH... [--out=DIR]       # the table, verdicts and PNGs
+  python -m launch.table3 report PATH... [--out=DIR] [--partial]   # table, verdicts, PNGs
   python -m launch.table3 record ROOT --out=DIR            # one JSON record per finished run
   python -m launch.table3 seeds PATH... --spec=S --out=F   # second seeds for close verdicts
   python -m launch.table3 remaining PATH... --spec=S --out=F   # the runs not yet recorded
@@ -19,7 +19,8 @@ a row's numbers are the mean over its seeds. The seed noise is the spread (max -
 base's dev perplexity and BLEU over its seeds (at least --min_seeds of them); a difference
 counts only when it is larger. `report` prints each row next to the paper's, one verdict per
 claim of section 6.2, the rows whose compared gap lies within twice the noise with one seed
-(`seeds` writes a sweep spec that runs them again at another seed), and draws PNG figures.
+(`seeds` writes a sweep spec that runs them again at another seed), and draws PNG figures;
+with `--partial` it reports a sweep that has not finished (the base's seeds are still needed).
 `remaining` writes the spec's runs that have no record yet, so a sweep continues on another
 machine or disk from the committed records. `converged` checks that dev perplexity at a budget
 is within 5% of what twice it gives: from two runs, or from one run's dev curve at B and 2B
@@ -272,65 +273,88 @@ def _compare(ours: dict, better: list[str], worse: list[str], noise: dict) -> tu
   return verdict, "; ".join(pairs)
 
 
+NOT_RUN = "not run yet"
+
+
 def verdicts(ours: dict[str, dict], noise: dict[str, float]) -> list[dict[str, Any]]:
   """One entry per claim of section 6.2 (and the label smoothing remark of row D).
 
-  Each entry has the claim, the verdict, the evidence and `rows`: the pairs of rows it compares
-  (used to decide which rows lie within twice the noise and need a second seed).
+  Each entry has the claim, the verdict, the evidence and `pairs`: the pairs of rows it compares
+  (used to decide which rows lie within twice the noise and need a second seed). A claim with a
+  row missing from `ours` gets the verdict NOT_RUN and no pairs.
   """
   out = []
-  def add(claim, verdict_evidence, pairs, note=""):
-    verdict, evidence = verdict_evidence
-    out.append({"claim": claim, "verdict": verdict, "pairs": pairs,
-                "evidence": evidence + (f". {note}" if note else "")})
+  def add(claim, rows, judge):
+    missing = [r for r in rows if r not in ours]
+    if missing:
+      out.append({"claim": claim, "verdict": NOT_RUN, "pairs": [],
+                  "evidence": f"no result for {', '.join(missing)}"})
+      return
+    verdict, evidence, pairs = judge()
+    out.append({"claim": claim, "verdict": verdict, "pairs": pairs, "evidence": evidence})
+
+  def compare(better, worse):
+    return lambda: (*_compare(ours, better, worse, noise), [(b, w) for b in better for w in worse])
+
+  def single_head():
+    best = min(heads, key=lambda r: ours[r]["ppl"])
+    if best == "a_h1":
+      return "did not hold", f"h=1 has the best dev PPL of {', '.join(heads)}", []
+    verdict, evidence = _compare(ours, [best], ["a_h1"], noise)
+    return verdict, f"{evidence}. best by dev PPL: {best}", [(best, "a_h1")]
+
+  def many_heads():
+    best = min(["a_h4", "base", "a_h16"], key=lambda r: ours[r]["ppl"])
+    verdict, evidence = _compare(ours, [best], ["a_h32"], noise)
+    return verdict, f"{evidence}. best of h=4/8/16: {best}", [(best, "a_h32")]
+
+  def dropout():
+    verdict, evidence = _compare(ours, ["base"], ["d_drop0"], noise)
+    gap0 = ours["d_drop0"]["dev_nll"] - ours["d_drop0"]["train_nll"]
+    gap1 = ours["base"]["dev_nll"] - ours["base"]["train_nll"]
+    return verdict, (f"{evidence}. dev NLL - train NLL (over-fitting gap): {gap0:.3f} without"
+                     f" dropout, {gap1:.3f} with"), [("base", "d_drop0")]
+
+  def learned_positions():
+    d_ppl = abs(ours["e_learned"]["ppl"] - ours["base"]["ppl"])
+    d_bleu = abs(ours["e_learned"]["bleu"] - ours["base"]["bleu"])
+    same = d_ppl <= max(noise["ppl"], 0.02 * ours["base"]["ppl"]) and d_bleu <= max(
+        noise["bleu"], 0.5)
+    return ("held" if same else "did not hold",
+            f"e_learned vs base: PPL {ours['e_learned']['ppl']:.2f} vs {ours['base']['ppl']:.2f},"
+            f" BLEU {ours['e_learned']['bleu']:.1f} vs {ours['base']['bleu']:.1f}. nearly"
+            " identical = |dPPL| <= max(seed noise, 2%) and |dBLEU| <= max(seed noise, 0.5)",
+            [("e_learned", "base")])
+
+  def label_smoothing():
+    base, ls0 = ours["base"], ours["d_ls0"]
+    ppl_held = base["ppl"] - ls0["ppl"] > noise["ppl"]        # smoothing raised perplexity
+    bleu_held = base["bleu"] - ls0["bleu"] > noise["bleu"]    # smoothing raised BLEU
+    against = (ls0["ppl"] - base["ppl"] > noise["ppl"]) or (
+        ls0["bleu"] - base["bleu"] > noise["bleu"])
+    if ppl_held and bleu_held:
+      verdict = "held"
+    elif ppl_held or bleu_held:
+      verdict = f"half held ({'perplexity' if ppl_held else 'BLEU'} only)"
+    else:
+      verdict = "did not hold" if against else "inconclusive (within seed noise)"
+    return verdict, (f"eps_ls 0.1 vs 0.0: PPL {base['ppl']:.2f} vs {ls0['ppl']:.2f},"
+                     f" BLEU {base['bleu']:.1f} vs {ls0['bleu']:.1f}"), [("base", "d_ls0")]
 
   heads = ["a_h1", "a_h4", "base", "a_h16", "a_h32"]
-  best = min(heads, key=lambda r: ours[r]["ppl"])
-  add("(A) single-head attention is worse than the best setting",
-      _compare(ours, [best], ["a_h1"], noise) if best != "a_h1" else
-      ("did not hold", f"h=1 has the best dev PPL of {', '.join(heads)}"),
-      [(best, "a_h1")] if best != "a_h1" else [], f"best by dev PPL: {best}")
-  best_fewer = min(["a_h4", "base", "a_h16"], key=lambda r: ours[r]["ppl"])
-  add("(A) quality drops off with too many heads (h=32)",
-      _compare(ours, [best_fewer], ["a_h32"], noise), [(best_fewer, "a_h32")],
-      f"best of h=4/8/16: {best_fewer}")
-  add("(B) reducing the attention key size d_k hurts model quality",
-      _compare(ours, ["base"], ["b_dk32", "b_dk16"], noise),
-      [("base", "b_dk32"), ("base", "b_dk16")])
+  add("(A) single-head attention is worse than the best setting", heads, single_head)
+  add("(A) quality drops off with too many heads (h=32)", heads[1:], many_heads)
+  add("(B) reducing the attention key size d_k hurts model quality", ["base", "b_dk32", "b_dk16"],
+      compare(["base"], ["b_dk32", "b_dk16"]))
   for small, large, what in (("c_n2", "c_n8", "N"), ("c_d256", "c_d1024", "d_model"),
                              ("c_dff1024", "c_dff4096", "d_ff"), ("base", "big", "big")):
-    add(f"(C) bigger models are better: {what}", _compare(ours, [large], [small], noise),
-        [(large, small)])
-  verdict, evidence = _compare(ours, ["base"], ["d_drop0"], noise)
-  gap0 = ours["d_drop0"]["dev_nll"] - ours["d_drop0"]["train_nll"]
-  gap1 = ours["base"]["dev_nll"] - ours["base"]["train_nll"]
+    add(f"(C) bigger models are better: {what}", [large, small], compare([large], [small]))
   add("(D) dropout is very helpful in avoiding over-fitting (P_drop 0.1 vs 0.0)",
-      (verdict, evidence), [("base", "d_drop0")],
-      f"dev NLL - train NLL (over-fitting gap): {gap0:.3f} without dropout, {gap1:.3f} with")
-  d_ppl = abs(ours["e_learned"]["ppl"] - ours["base"]["ppl"])
-  d_bleu = abs(ours["e_learned"]["bleu"] - ours["base"]["bleu"])
-  same = d_ppl <= max(noise["ppl"], 0.02 * ours["base"]["ppl"]) and d_bleu <= max(
-      noise["bleu"], 0.5)
+      ["base", "d_drop0"], dropout)
   add("(E) learned positional embeddings give nearly identical results to sinusoids",
-      ("held" if same else "did not hold",
-       f"e_learned vs base: PPL {ours['e_learned']['ppl']:.2f} vs {ours['base']['ppl']:.2f},"
-       f" BLEU {ours['e_learned']['bleu']:.1f} vs {ours['base']['bleu']:.1f}"),
-      [("e_learned", "base")],
-      "nearly identical = |dPPL| <= max(seed noise, 2%) and |dBLEU| <= max(seed noise, 0.5)")
-  base, ls0 = ours["base"], ours["d_ls0"]
-  ppl_held = base["ppl"] - ls0["ppl"] > noise["ppl"]        # smoothing raised perplexity
-  bleu_held = base["bleu"] - ls0["bleu"] > noise["bleu"]    # smoothing raised BLEU
-  against = (ls0["ppl"] - base["ppl"] > noise["ppl"]) or (ls0["bleu"] - base["bleu"] > noise["bleu"])
-  if ppl_held and bleu_held:
-    verdict = "held"
-  elif ppl_held or bleu_held:
-    verdict = f"half held ({'perplexity' if ppl_held else 'BLEU'} only)"
-  else:
-    verdict = "did not hold" if against else "inconclusive (within seed noise)"
-  out.append({"claim": "(D, section 5.4) label smoothing hurts perplexity but improves BLEU",
-              "verdict": verdict, "pairs": [("base", "d_ls0")],
-              "evidence": f"eps_ls 0.1 vs 0.0: PPL {base['ppl']:.2f} vs {ls0['ppl']:.2f},"
-                          f" BLEU {base['bleu']:.1f} vs {ls0['bleu']:.1f}"})
+      ["e_learned", "base"], learned_positions)
+  add("(D, section 5.4) label smoothing hurts perplexity but improves BLEU", ["base", "d_ls0"],
+      label_smoothing)
   return out
 
 
@@ -487,9 +511,9 @@ def _cmd_report(args) -> int:
     return _error(str(e))
   ours = by_row(records)
   missing = [r for r in ROWS if r not in ours]
-  if missing:
+  if missing and not args.partial:
     return _error(f"{', '.join(paths)}: no finished evaluate step for runs {', '.join(missing)}"
-                  " (run the sweep to the end first; it resumes)")
+                  " (run the sweep to the end first, it resumes; or report with --partial)")
   try:
     noise = seed_noise(ours, args.min_seeds)
   except ValueError as e:
@@ -499,7 +523,11 @@ def _cmd_report(args) -> int:
            " paper PPL | paper BLEU | paper params (M) |", "|" + "---|" * 11]
   fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
   for name in ROWS:
-    r, p = ours[name], paper.get(name, {})
+    r, p = ours.get(name), paper.get(name, {})
+    if r is None:
+      lines.append(f"| {name} | {NOT_RUN} | | | | | | | {fmt(p.get('ppl'), '.2f')} |"
+                   f" {fmt(p.get('bleu'), '.1f')} | {fmt(p.get('params_m'), 'g')} |")
+      continue
     changes = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-"
     lines.append(f"| {name} | {changes} | {r['params']:,} | {len(r['seeds'])} |"
                  f" {fmt(r['train_nll'], '.3f')} | {r['ppl']:.2f} | {r['bleu']:.1f} |"
@@ -511,7 +539,10 @@ def _cmd_report(args) -> int:
   os.makedirs(out_dir, exist_ok=True)
   seconds = sum(sum(r["seconds"].values()) for r in records.values())
   base_seeds = ", ".join(f"{v:.2f}" for v in ours["base"]["seed_ppl"])
-  text = [f"# Mini Table 3 ({', '.join(paths)})", "", *lines, "",
+  title = f"# Mini Table 3 ({', '.join(args.paths)})"
+  if missing:
+    title += f": partial, {len(ROWS) - len(missing)} of {len(ROWS)} rows"
+  text = [title, "", *lines, "",
           f"Rows with several seeds show the mean. Seed noise = the spread (max - min) over the"
           f" {noise['seeds']} seeds of the base (dev PPL {base_seeds}): dev PPL"
           f" {noise['ppl']:.3f}, dev BLEU {noise['bleu']:.2f}. A gap counts only beyond it.", "",
@@ -528,8 +559,8 @@ def _cmd_report(args) -> int:
     budget_png = os.path.join(out_dir, "table3_mini_budget.png")
   text += ["", "Rows within twice the noise that have one seed: "
            + (", ".join(need) if need else "none") + ".",
-           f"Total wall time of the {len(records)} runs (train + evaluate steps):"
-           f" {seconds / 3600:.2f} h."]
+           f"Run time summed over the {len(records)} runs (train + evaluate steps; runs in"
+           f" parallel share the wall time): {seconds / 3600:.2f} h."]
   pngs = _plot(ours, paper, out_dir)
   if budget_png:
     pngs.append(_plot_curves([records["base"], records["base_2x"]], budget_png,
@@ -543,7 +574,7 @@ def _cmd_report(args) -> int:
     f.write("\n".join(text) + "\n")
   with open(os.path.join(out_dir, "table3_mini.json"), "w", encoding="utf-8") as f:
     json.dump({"rows": ours, "noise": noise, "claims": claims, "need_second_seed": need,
-               "wall_seconds": seconds}, f, indent=2)
+               "run_seconds_summed": seconds}, f, indent=2)
   print("\n".join(text))
   print(f"\nwrote {report_path}, table3_mini.json and {', '.join(map(os.path.basename, pngs))}")
   return 0
@@ -659,6 +690,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   r.add_argument("paths", nargs="+", help="sweep roots and/or directories of run records")
   r.add_argument("--out", default=None, help="output directory (default FIRST_PATH/report)")
   r.add_argument("--min_seeds", type=int, default=3, help="seeds of the base the noise needs")
+  r.add_argument("--partial", action="store_true",
+                 help="report the rows that have finished; claims missing a row are not judged")
   c = sub.add_parser("record", help="one JSON record per finished run of a sweep root")
   c.add_argument("root")
   c.add_argument("--out", required=True, help="directory of the records (e.g. under docs/)")

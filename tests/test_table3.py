@@ -105,6 +105,20 @@ def test_verdict_nearly_identical_for_learned_positions():
   assert _verdict(table3.verdicts(_ours(e_learned=10.25), NOISE), "(E)") == "did not hold"
 
 
+def test_claims_with_a_missing_row_are_not_judged():
+  ours = _ours()
+  for row in ("a_h32", "c_d1024", "d_ls0"):
+    del ours[row]
+  claims = table3.verdicts(ours, NOISE)
+  assert len(claims) == 10
+  # h=32 is in both head claims: the best head count is not known without it.
+  for prefix in ("(A) single-head", "(A) quality drops off", "(C) bigger models are better: d_model",
+                 "(D, section 5.4)"):
+    assert _verdict(claims, prefix) == table3.NOT_RUN
+  assert [c["pairs"] for c in claims if c["verdict"] == table3.NOT_RUN] == [[], [], [], []]
+  assert sum(c["verdict"] == "held" for c in claims) == 6
+
+
 def test_verdict_label_smoothing_has_two_halves():
   ours = _ours()
   ours["d_ls0"]["bleu"] = 31.0  # PPL better without smoothing, but BLEU better too
@@ -235,7 +249,8 @@ def test_report_of_a_hand_made_sweep_and_of_its_records(tmp_path, capsys):
   # The budget check: seed 0 of the base (10.0) against base_2x (9.8) is 2.0% above.
   assert ("reaches dev PPL 10.00 at 400 steps and 9.80 at 400 (base_2x): +2.0%, within 5%:"
           " converged.") in out
-  assert "Total wall time of the 23 runs (train + evaluate steps): 2.30 h." in out
+  assert "Run time summed over the 23 runs (train + evaluate steps; runs in parallel share the" \
+         " wall time): 2.30 h." in out
   for png in ("table3_mini_rows.png", "table3_mini_blocks.png", "table3_mini_base_curves.png",
               "table3_mini_budget.png"):
     assert (tmp_path / "sweep" / "report" / png).stat().st_size > 10_000
@@ -255,6 +270,14 @@ def test_report_of_a_hand_made_sweep_and_of_its_records(tmp_path, capsys):
   (tmp_path / "sweep" / "c_n8" / "validation.latest.json").unlink()
   assert table3.main(["report", root]) == 2
   assert "no finished evaluate step for runs c_n8" in capsys.readouterr().err
+  # ... unless asked for a partial report: the row is listed as not run, its claim not judged.
+  assert table3.main(["report", root, "--partial", f"--out={tmp_path / 'r3'}"]) == 0
+  out3 = capsys.readouterr().out
+  assert out3.startswith(f"# Mini Table 3 ({root}): partial, 19 of 20 rows")
+  assert "| c_n8 | not run yet | | | | | | | 4.88 | 25.5 | 80 |" in out3
+  assert "| (C) bigger models are better: N | **not run yet** | no result for c_n8 |" in out3
+  assert out3.count("**held**") == 9, out3
+  assert (tmp_path / "r3" / "table3_mini_blocks.png").stat().st_size > 10_000
 
 
 def test_remaining_lists_the_runs_without_a_record(tmp_path, capsys):
