@@ -547,7 +547,8 @@ def _cmd_report(args) -> int:
           f" {noise['seeds']} seeds of the base (dev PPL {base_seeds}): dev PPL"
           f" {noise['ppl']:.3f}, dev BLEU {noise['bleu']:.2f}. A gap counts only beyond it.", "",
           "| claim (section 6.2) | at this scale | evidence |", "|---|---|---|"]
-  text += [f"| {c['claim']} | **{c['verdict']}** | {c['evidence']} |" for c in claims]
+  cell = lambda v: v.replace("|", "\\|")  # noqa: E731  (a '|' in a cell would split it)
+  text += [f"| {c['claim']} | **{c['verdict']}** | {cell(c['evidence'])} |" for c in claims]
   budget_png = None
   if "base_2x" in records and "base" in records:
     check = converged(records["base"], records["base_2x"])

@@ -245,6 +245,7 @@ def test_report_of_a_hand_made_sweep_and_of_its_records(tmp_path, capsys):
   # base is the mean of 10.0, 10.1 and 10.05; the spread 0.1 is the noise.
   assert "| base | - | 1,895,936 | 3 | 1.500 | 10.05 | " in out
   assert out.count("**held**") == 10, out
+  assert "nearly identical = \\|dPPL\\| <= max(seed noise, 2%) and \\|dBLEU\\|" in out
   assert "dev PPL 0.100, dev BLEU 0.20" in out
   # The budget check: seed 0 of the base (10.0) against base_2x (9.8) is 2.0% above.
   assert ("reaches dev PPL 10.00 at 400 steps and 9.80 at 400 (base_2x): +2.0%, within 5%:"
