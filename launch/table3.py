@@ -524,15 +524,15 @@ def _cmd_report(args) -> int:
   fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
   for name in ROWS:
     r, p = ours.get(name), paper.get(name, {})
+    theirs = (f"{fmt(p.get('ppl'), '.2f')} | {fmt(p.get('bleu'), '.1f')} |"
+              f" {fmt(p.get('params_m'), 'g')} |")
     if r is None:
-      lines.append(f"| {name} | {NOT_RUN} | | | | | | | {fmt(p.get('ppl'), '.2f')} |"
-                   f" {fmt(p.get('bleu'), '.1f')} | {fmt(p.get('params_m'), 'g')} |")
+      lines.append(f"| {name} | {NOT_RUN} | | | | | | | {theirs}")
       continue
     changes = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-"
     lines.append(f"| {name} | {changes} | {r['params']:,} | {len(r['seeds'])} |"
                  f" {fmt(r['train_nll'], '.3f')} | {r['ppl']:.2f} | {r['bleu']:.1f} |"
-                 f" {r['bleu_tok']:.1f} | {fmt(p.get('ppl'), '.2f')} | {fmt(p.get('bleu'), '.1f')} |"
-                 f" {fmt(p.get('params_m'), 'g')} |")
+                 f" {r['bleu_tok']:.1f} | {theirs}")
   claims = verdicts(ours, noise)
   need = rows_needing_a_seed(ours, claims, noise)
   out_dir = os.path.abspath(args.out or os.path.join(paths[0], "report"))
