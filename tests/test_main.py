@@ -63,6 +63,17 @@ def test_train_average_evaluate_translate(tmp_path):
   assert "resumed from step 250" in r.stderr
   assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())[-1] == 270
 
+  # The memorised model reads its source; the fresh one (step 0) barely does.
+  r = _memorise_main(workdir, data, "--mode=diagnose")
+  assert r.returncode == 0, r.stderr[-3000:]
+  gains = {int(m.group(1)): float(m.group(2)) for m in re.finditer(
+      r"step (\d+): dev nll [\d.]+, with shuffled sources [\d.]+ \(source gain (-?[\d.]+)",
+      r.stdout)}
+  assert gains[270] > 2.0 and abs(gains[0]) < 0.5, r.stdout
+  diag = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()
+          if json.loads(l)["kind"] == "diagnose"]
+  assert [x["step"] for x in diag] == sorted(gains) and "grad_norm/encoder/layer_0" in diag[-1]
+
   r = _memorise_main(workdir, data, "--mode=average", "--num_average=3")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "averaged 3 checkpoints (steps 250..270)" in r.stdout

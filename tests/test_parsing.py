@@ -57,6 +57,36 @@ def test_round_trip_every_dev_tree(dev_trees):
     assert back == tree
 
 
+def test_words_form_round_trips_every_craft_train_tree():
+  """--parse_target=words: `lexicalize` then `delinearize(placeholder=None)` gives back every
+  tree of CRAFT train; the words of the target are the sentence, in order."""
+  d = _data_dir() / "craft_treebank" / "train"
+  if not d.is_dir():
+    pytest.fail(f"{d} not found: set TRANSFORMER_DATA_DIR to the shared data directory")
+  n = 0
+  for _, tree in treebank.iter_split_trees(treebank.tree_files(str(d))):
+    words = tree.leaves()
+    lex = treebank.lexicalize(treebank.linearize(tree), words)
+    assert [t for t in lex.split() if t[0] not in "()"] == words
+    back, repairs = parsing.delinearize(lex, words, tree.tags(), placeholder=None)
+    assert repairs == 0 and back == tree
+    # Read as the XX form instead, every word is a stray token: the placeholder matters.
+    assert parsing.delinearize(lex, words, tree.tags())[1] > 0
+    n += 1
+  assert n == 18951
+
+
+def test_lexicalize_hand_worked():
+  assert (treebank.lexicalize("(S (NP XX )NP (VP XX (NP XX XX )NP )VP XX )S", JOHN_WORDS)
+          == "(S (NP John )NP (VP has (NP a dog )NP )VP . )S")
+  with pytest.raises(ValueError, match="4 words for 5 placeholders"):
+    treebank.lexicalize("(S (NP XX )NP (VP XX (NP XX XX )NP )VP XX )S", JOHN_WORDS[:4])
+  # Words form: any non-bracket token takes the next word, whatever it spells.
+  tree, n = parsing.delinearize("(S (NP Jon )NP (VP had (NP a cat )NP )VP . )S", JOHN_WORDS,
+                                JOHN_TAGS, placeholder=None)
+  assert n == 0 and tree == parse_tree(JOHN)
+
+
 @pytest.mark.parametrize("sequence, want, repairs", [
     # Well formed.
     ("(S (NP XX )NP (VP XX (NP XX XX )NP )VP XX )S", JOHN, 0),
@@ -361,28 +391,8 @@ def _well_formed(ids: list[int], words: list[str]) -> bool:
 
 
 def _accepted(constraint, n_words: int, limit: int) -> set[tuple[int, ...]]:
-  """Every sequence (without EOS) the constraint lets finish, by breadth-first search."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  # One source sentence of n_words words + EOS; each prefix is one 'beam'.
-  inputs = jnp.asarray([[10] * n_words + [1]], jnp.int32)
-  prefixes, done = [()], set()
-  state = constraint.init(inputs, 1)
-  for i in range(limit):
-    ok = np.asarray(constraint.allowed(state, jnp.int32(i), jnp.asarray([limit]), len(PIECES)))
-    nxt, parents, tokens = [], [], []
-    for p, row in enumerate(ok[0]):
-      for tok in np.flatnonzero(row):
-        if tok == 1:
-          done.add(prefixes[p])
-        else:
-          nxt.append(prefixes[p] + (int(tok),)), parents.append(p), tokens.append(int(tok))
-    if not nxt:
-      break
-    picked = {k: v[:, parents] for k, v in state.items()}
-    state = constraint.update(picked, jnp.asarray([tokens], jnp.int32))
-    prefixes = nxt
-  return done
+  """Every sequence (without EOS) the constraint lets finish for n_words source words."""
+  return _accepted_ids(constraint, [10] * n_words, limit, len(PIECES))
 
 
 @pytest.mark.parametrize("n_words,limit", [(1, 6), (2, 8), (3, 9)])
@@ -403,6 +413,59 @@ def test_tree_constraint_accepts_exactly_the_well_formed_trees(n_words, limit):
     assert (4, 8, 8, 5) in got and (4, 6, 8, 7, 8, 5) in got and (4, 4, 8, 8, 5, 5) in got
   # An empty sentence has no tree: only the empty output (EOS) is allowed.
   assert _accepted(constraint, 0, limit) == {()}
+
+
+# Words form: ids 8-10 are the words 'a', 'b', 'c'; 'mid' is not word-initial.
+WORD_PIECES = ["<pad>", "</s>", "<s>", "<unk>", "\u2581(S", "\u2581)S", "\u2581(NP", "\u2581)NP",
+               "\u2581a", "\u2581b", "\u2581c", "mid"]
+
+
+def _accepted_ids(constraint, source: list[int], limit: int, vocab: int):
+  """Every id sequence (without EOS) the constraint lets finish for one source sentence."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  inputs = jnp.asarray([source + [1]], jnp.int32)
+  prefixes, done = [()], set()
+  state = constraint.init(inputs, 1)
+  for i in range(limit):
+    ok = np.asarray(constraint.allowed(state, jnp.int32(i), jnp.asarray([limit]), vocab))
+    nxt, parents, tokens = [], [], []
+    for p, row in enumerate(ok[0]):
+      for tok in np.flatnonzero(row):
+        if tok == 1:
+          done.add(prefixes[p])
+        else:
+          nxt.append(prefixes[p] + (int(tok),)), parents.append(p), tokens.append(int(tok))
+    if not nxt:
+      break
+    state = constraint.update({k: v[:, parents] for k, v in state.items()},
+                              jnp.asarray([tokens], jnp.int32))
+    prefixes = nxt
+  return done
+
+
+@pytest.mark.parametrize("source,limit", [([10, 8], 8), ([9, 3, 9], 9)])
+def test_copy_words_constraint_accepts_exactly_the_trees_over_the_source(source, limit):
+  import itertools  # pylint: disable=g-import-not-at-top
+  constraint = parsing.TreeConstraint.from_pieces(WORD_PIECES, placeholder=None)
+  got = _accepted_ids(constraint, source, limit, len(WORD_PIECES))
+  # Brute force: every sequence whose non-bracket tokens are the source's, in order (any other
+  # is wrong by definition; `got == want` then also shows the constraint never emits one),
+  # kept if it de-linearises in the words form with no repair.
+  words = [WORD_PIECES[i] for i in source]
+  want = set()
+  for length in range(len(source), limit):
+    for slots in itertools.combinations(range(length), len(source)):
+      for brackets in itertools.product(range(4, 8), repeat=length - len(source)):
+        seq, it_w, it_b = [], iter(source), iter(brackets)
+        for k in range(length):
+          seq.append(next(it_w) if k in slots else next(it_b))
+        text = " ".join(WORD_PIECES[i].lstrip("\u2581") for i in seq)
+        if parsing.delinearize(text, words, placeholder=None)[1] == 0:
+          want.add(tuple(seq))
+  assert got == want and want
+  if source == [10, 8]:
+    assert (4, 10, 8, 5) in got and (4, 6, 10, 7, 8, 5) in got and (4, 8, 10, 5) not in got
 
 
 def test_tree_constraint_needs_bracket_pieces():

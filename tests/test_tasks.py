@@ -41,7 +41,7 @@ def test_translation_report_line_and_dev_subset():
   metrics, text = task.dev_score(cfg, hyps, [{"target": r} for r in refs], beam_size=4)
   assert metrics == {"bleu": pytest.approx(100.0)}
   assert text == " | BLEU 100.00 (1 sents)"
-  assert task.output_lines(["x", "y"], [{}, {}]) == ["x", "y"]
+  assert task.output_lines(cfg, ["x", "y"], [{}, {}]) == ["x", "y"]
   assert task.constraint(cfg, tokenizer=None) is None
   with pytest.raises(datasets.DataError, match="is a treebank: use --task=parsing"):
     task.get_split(DataConfig(dataset="ptb_wsj"), "train", "/nonexistent")
@@ -63,13 +63,13 @@ def test_parsing_outputs_report_lines_and_constraint(tmp_path):
   gold = "(S (NP (PRP It)) (VP (VBZ works)))"
   examples = [{"source": "It works", "target": "", "tree": gold, "root": "S", "id": 0}]
   hyp = "(S (NP XX )NP (VP XX )VP )S"
-  assert task.output_lines([hyp], [{"source": "It works"}]) == [
-      "(S (NP (XX It)) (VP (XX works)))"]  # no gold tags: placeholder tags
-  task.write_outputs(str(tmp_path / "dev"), "latest", [hyp], examples)
-  assert (tmp_path / "dev.latest.trees").read_text() == gold + "\n"  # gold tags
-  assert (tmp_path / "dev.gold.trees").read_text() == gold + "\n"
   cfg = Config(data=DataConfig(task="parsing", test_split="validation[:8]"),
                decode=DecodeConfig(beam_size=2, alpha=0.3))
+  assert task.output_lines(cfg, [hyp], [{"source": "It works"}]) == [
+      "(S (NP (XX It)) (VP (XX works)))"]  # no gold tags: placeholder tags
+  task.write_outputs(cfg, str(tmp_path / "dev"), "latest", [hyp], examples)
+  assert (tmp_path / "dev.latest.trees").read_text() == gold + "\n"  # gold tags
+  assert (tmp_path / "dev.gold.trees").read_text() == gold + "\n"
   report = task.score(cfg, [hyp], examples)
   assert report["f1"] == 100.0 and report["repaired"] == 0 and report["sentences"] == 1
   assert task.report_lines(cfg, report, "latest", 10) == [

@@ -161,6 +161,11 @@ class DataConfig:
       "", "Comma-separated extra tree files or directories (their *.tree / *.mrg files) for"
       " training, relative to --raw_data_dir, e.g. for the semi-supervised setting or another"
       " treebank's train split.")
+  parse_target: str = _field(
+      "xx", "--task=parsing target form: xx (Vinyals et al. 2015, the paper: each word a"
+      " placeholder XX, `(S (NP XX )NP ...`) | words (each word itself, `(S (NP John )NP ...`;"
+      " constrained decoding forces it to be the next source word; needs"
+      " --spm_model_type=word).")
   evalb_params: Optional[str] = _field(None, "EVALB parameter file (default: built-in"
                                        " COLLINS.prm).")
 
@@ -278,6 +283,10 @@ def validate(cfg: Config) -> Config:
   if d.spm_model_type not in ("bpe", "unigram", "word", "char"):
     raise ConfigError("--spm_model_type must be one of bpe, unigram, word, char, got"
                       f" {d.spm_model_type!r}")
+  if d.parse_target not in ("xx", "words"):
+    raise ConfigError(f"--parse_target must be xx or words, got {d.parse_target!r}")
+  if d.parse_target == "words" and d.task == "parsing" and d.spm_model_type != "word":
+    raise ConfigError("--parse_target=words needs --spm_model_type=word (one token per word)")
   if d.non_utf8 not in NON_UTF8_POLICIES:
     raise ConfigError(f"--non_utf8 must be one of {NON_UTF8_POLICIES}")
   if d.source_lang == d.target_lang:

@@ -13,6 +13,8 @@ Modes:
   translate  translate sentences from --input (default stdin) to --output (default stdout)
   plot       learning curves of <workdir>/metrics.jsonl -> <workdir>/plots/learning_curves.png
   attention  heatmaps of every layer/head for --sentence -> <workdir>/plots/attention_*.png
+  diagnose   for step 0 and every checkpoint: dev NLL with true and shuffled sources, attention
+             entropy and gradient norm of every layer (transformer/diagnostics.py)
   compile    compile the run's train/eval/decode programs for --topology (a TPU slice or GPU
              node, no accelerator needed): memory per device, fit, FLOPs, step time
 """
@@ -32,7 +34,7 @@ config_lib.define_flags(FLAGS)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, vocabulary, metrics, outputs.")
 flags.DEFINE_enum("mode", "train",
                   ["prepare", "train", "evaluate", "translate", "average", "plot", "attention",
-                   "compile"],
+                   "compile", "diagnose"],
                   "What to do.")
 flags.DEFINE_string("checkpoint", "latest",
                     "Checkpoint for evaluate/translate: 'latest', 'averaged' or a step number.")
@@ -95,6 +97,8 @@ def main(argv):
       run.plot(FLAGS.workdir, FLAGS.output)
     elif FLAGS.mode == "attention":
       run.attention(cfg, FLAGS.workdir, FLAGS.sentence, FLAGS.checkpoint, FLAGS.output)
+    elif FLAGS.mode == "diagnose":
+      run.diagnose(cfg, FLAGS.workdir)
     elif FLAGS.mode == "compile":
       from transformer import aot  # pylint: disable=g-import-not-at-top
       aot.run(cfg, FLAGS.topology, FLAGS.num_slices, FLAGS.mfu)

@@ -59,12 +59,14 @@ class _Node:
 
 def delinearize(sequence: str, words: Sequence[str],
                 tags: Optional[Sequence[str]] = None,
-                placeholder: str = PLACEHOLDER) -> tuple[Tree, int]:
+                placeholder: Optional[str] = PLACEHOLDER) -> tuple[Tree, int]:
   """The tree of a (possibly ill-formed) linearised sequence over `words`; never fails.
 
   Tokens are read left to right: `(L` opens a phrase L, `)L` or `)` closes the
   innermost open phrase, the placeholder takes the next word (with its tag
-  from `tags`, else the placeholder as tag). Each repair counts 1:
+  from `tags`, else `XX` as tag). With placeholder=None (`--parse_target=words`) every
+  token that is not a bracket is a placeholder: it takes the next word, whatever it says.
+  Each repair counts 1:
 
   * a token that is none of these (e.g. a stray word piece): dropped;
   * a closing bracket with nothing open: dropped;
@@ -100,9 +102,10 @@ def delinearize(sequence: str, words: Sequence[str],
       repairs += 1  # empty phrase: dropped
 
   for tok in sequence.split():
-    if tok == placeholder:
+    is_bracket = tok.startswith(")") or (tok.startswith("(") and len(tok) > 1)
+    if tok == placeholder or (placeholder is None and not is_bracket):
       if next_word < len(words):
-        tag = tags[next_word] if tags is not None else placeholder
+        tag = tags[next_word] if tags is not None else PLACEHOLDER
         stack[-1].children.append(Tree(tag, word=words[next_word]))
         next_word += 1
       else:
@@ -124,7 +127,7 @@ def delinearize(sequence: str, words: Sequence[str],
     repairs += 1  # unclosed phrase
     close_innermost()
   pieces = top.children
-  missing = [Tree(tags[i] if tags is not None else placeholder, word=words[i])
+  missing = [Tree(tags[i] if tags is not None else PLACEHOLDER, word=words[i])
              for i in range(next_word, len(words))]
   repairs += len(missing)
   if len(pieces) == 1 and not pieces[0].is_preterminal:
@@ -152,8 +155,10 @@ class TreeConstraint:
   A token may follow a hypothesis only if the result can still be completed, within
   the sentence's length limit, to one tree with labelled brackets that match, no
   empty phrase and exactly one `XX` per source word (Vinyals et al. 2015 repaired
-  ill-formed outputs instead). Per beam the state is the stack of open labels, its
-  depth, the `XX` count and whether the innermost phrase has a child yet.
+  ill-formed outputs instead). With `copy_words` (--parse_target=words) the word itself
+  stands where `XX` would: the next source token, and no other. Per beam the state is
+  the stack of open labels, its depth, the word count and whether the innermost phrase
+  has a child yet (and, copying, the source tokens).
 
   Build it with `from_pieces` from the vocabulary; arrays are indexed by token id.
   """
@@ -161,14 +166,16 @@ class TreeConstraint:
   label: np.ndarray        # [vocab] int32: label index of a bracket, -1 otherwise
   starts_word: np.ndarray  # [vocab] bool: a source piece that begins a word (or UNK)
   max_depth: int = 64
+  copy_words: bool = False  # a word slot takes the next source token (one token per word)
 
   @classmethod
-  def from_pieces(cls, pieces: Sequence[str], placeholder: str = PLACEHOLDER,
+  def from_pieces(cls, pieces: Sequence[str], placeholder: Optional[str] = PLACEHOLDER,
                   max_depth: int = 64) -> "TreeConstraint":
     """From the vocabulary's pieces (`pieces[i]` of id i), e.g. '\u2581(NP', '\u2581)NP', '\u2581XX'.
 
     Only word-initial pieces are brackets or placeholders (targets are space-separated
     tokens). A label is usable only if both its `(L` and `)L` are single pieces.
+    placeholder=None: words are copied from the source (`copy_words`).
     Raises ValueError if the vocabulary has no placeholder or no usable label.
     """
     words = [p[1:] if p.startswith(_WORD_START) else None for p in pieces]
@@ -179,17 +186,17 @@ class TreeConstraint:
     kind = np.full(len(pieces), _OTHER, np.int32)
     label = np.full(len(pieces), -1, np.int32)
     for i, w in enumerate(words):
-      if w == placeholder:
+      if w is not None and w == placeholder:
         kind[i] = _XX
       elif w and w[:1] in "()" and w[1:] in index:
         kind[i], label[i] = (_OPEN if w[0] == "(" else _CLOSE), index[w[1:]]
     kind[EOS_ID] = _EOS
-    if not (kind == _XX).any() or not labels:
+    if (placeholder is not None and not (kind == _XX).any()) or not labels:
       raise ValueError(f"the vocabulary has no single piece for {placeholder!r} or no label"
                        " with both '(L' and ')L' pieces: tree constraints need word-level"
                        " target pieces (e.g. --spm_model_type=word)")
     starts_word = np.array([w is not None for w in words]) | (np.arange(len(pieces)) == UNK_ID)
-    return cls(kind, label, starts_word, max_depth)
+    return cls(kind, label, starts_word, max_depth, copy_words=placeholder is None)
 
   def _table(self, table: np.ndarray, vocab: int) -> jax.Array:
     if vocab < len(table):
@@ -203,9 +210,18 @@ class TreeConstraint:
     starts = jnp.take(jnp.asarray(self.starts_word), inputs, mode="fill", fill_value=False)
     n_words = jnp.sum(starts & (inputs != PAD_ID), axis=1)
     zeros = jnp.zeros((batch, beam_size), jnp.int32)
-    return {"n_words": n_words[:, None] + zeros, "depth": zeros, "xx": zeros,
-            "nonempty": zeros.astype(bool),
-            "stack": jnp.zeros((batch, beam_size, self.max_depth), jnp.int32)}
+    state = {"n_words": n_words[:, None] + zeros, "depth": zeros, "xx": zeros,
+             "nonempty": zeros.astype(bool),
+             "stack": jnp.zeros((batch, beam_size, self.max_depth), jnp.int32)}
+    if self.copy_words:  # [batch, beam, src_len]: word i is source token i
+      state["source"] = jnp.broadcast_to(inputs[:, None, :], (batch, beam_size, inputs.shape[1]))
+    return state
+
+  def _next_word(self, state: dict[str, jax.Array]) -> jax.Array:
+    """[batch, beam] id of the next source word (copy_words)."""
+    src = state["source"]
+    i = jnp.minimum(state["xx"], src.shape[-1] - 1)[..., None]
+    return jnp.take_along_axis(src, i, axis=2)[..., 0]
 
   def allowed(self, state: dict[str, jax.Array], i: jax.Array, limits: jax.Array,
               vocab: int) -> jax.Array:
@@ -226,8 +242,12 @@ class TreeConstraint:
                 & ((depth > 1) | ~words_left) & (depth - 1 + (n - xx) + 1 <= room))
     xx_ok = (depth > 0) & words_left & (depth + (n - xx - 1) + 1 <= room)
     eos_ok = (depth == 0) & ~words_left & ((i > 0) | (n == 0))
+    if self.copy_words:
+      word = jnp.arange(vocab) == self._next_word(state)[..., None]
+    else:
+      word = kind == _XX
     return (((kind == _OPEN) & open_ok) | ((kind == _CLOSE) & close_ok)
-            | ((kind == _XX) & xx_ok) | ((kind == _EOS) & eos_ok))
+            | (word & xx_ok) | ((kind == _EOS) & eos_ok))
 
   def update(self, state: dict[str, jax.Array], token: jax.Array) -> dict[str, jax.Array]:
     """State after appending token [batch, beam] to each hypothesis."""
@@ -235,9 +255,12 @@ class TreeConstraint:
     label = jnp.take(jnp.asarray(self.label), token, mode="fill", fill_value=-1)
     depth = state["depth"]
     is_open, is_close, is_xx = kind == _OPEN, kind == _CLOSE, kind == _XX
+    if self.copy_words:
+      is_xx = ((token == self._next_word(state)) & (kind == _OTHER) & (depth > 0)
+               & (state["xx"] < state["n_words"]))
     at_depth = jnp.arange(self.max_depth) == jnp.minimum(depth, self.max_depth - 1)[..., None]
     return {
-        "n_words": state["n_words"],
+        **state,
         "stack": jnp.where(is_open[..., None] & at_depth, label[..., None], state["stack"]),
         "depth": depth + is_open - is_close,
         "xx": state["xx"] + is_xx,
@@ -498,21 +521,23 @@ def _gold(example: Mapping[str, Any]) -> tuple[Optional[Tree], list[str], Option
   return None, example["source"].split(), None
 
 
-def predict_trees(hyp_sequences: Sequence[str],
-                  examples: Sequence[Mapping[str, Any]]) -> list[tuple[Tree, int]]:
+def predict_trees(hyp_sequences: Sequence[str], examples: Sequence[Mapping[str, Any]],
+                  placeholder: Optional[str] = PLACEHOLDER) -> list[tuple[Tree, int]]:
   """(tree, repairs) per hypothesis: words (and gold tags, if the example has a
-  'tree') from the example, otherwise the words of 'source' with `XX` tags."""
+  'tree') from the example, otherwise the words of 'source' with `XX` tags.
+  placeholder: as in `delinearize` (None for --parse_target=words)."""
   if len(hyp_sequences) != len(examples):
     raise ValueError(f"{len(hyp_sequences)} hypotheses but {len(examples)} examples")
   out = []
   for hyp, ex in zip(hyp_sequences, examples):
     _, words, tags = _gold(ex)
-    out.append(delinearize(hyp, words, tags))
+    out.append(delinearize(hyp, words, tags, placeholder))
   return out
 
 
 def parsing_report(hyp_sequences: Sequence[str], examples: Sequence[Mapping[str, Any]],
-                   params: Optional[EvalbParams] = None) -> dict[str, Any]:
+                   params: Optional[EvalbParams] = None,
+                   placeholder: Optional[str] = PLACEHOLDER) -> dict[str, Any]:
   """De-linearises each hypothesis with its example's words and gold tags and scores it.
 
   Returns `evalb`'s keys ('f1', 'precision', 'recall', 'exact_match',
@@ -529,7 +554,7 @@ def parsing_report(hyp_sequences: Sequence[str], examples: Sequence[Mapping[str,
       raise ValueError("parsing_report needs examples with a gold 'tree'")
     golds.append(gold)
     is_sentence.append(is_sentence_root(ex.get("root") or gold.label))
-  predicted = predict_trees(hyp_sequences, examples)
+  predicted = predict_trees(hyp_sequences, examples, placeholder)
   report = evalb(golds, [t for t, _ in predicted], params)
   report["repaired"] = sum(r > 0 for _, r in predicted)
   report["repairs"] = sum(r for _, r in predicted)

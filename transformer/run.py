@@ -649,7 +649,7 @@ def evaluate(cfg: Config, workdir: str, which: str = "latest",
   report.update({f"test_{k}": v for k, v in eval_loss(s, params, tokenized).items()})
   if s.is_chief:
     evaluate_lib.write_lines(out_path, hyps)
-    task.write_outputs(prefix, which, hyps, examples)
+    task.write_outputs(cfg, prefix, which, hyps, examples)
     with open(f"{prefix}.{which}.json", "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
     MetricsWriter(workdir).write(step, f"test_{which}", {k: v for k, v in report.items()
@@ -677,7 +677,7 @@ def translate(cfg: Config, workdir: str, which: str = "latest", input_path: Opti
   if lines:  # no input lines: no output lines (a filter on empty input)
     tokenized = pipeline.tokenize_split(examples, s.tokenizer)
     hyps = translate_tokenized(s, _searcher(s), params, tokenized, progress=True)
-  hyps = tasks.get(cfg.data.task).output_lines(hyps, examples)
+  hyps = tasks.get(cfg.data.task).output_lines(cfg, hyps, examples)
   if s.is_chief:
     if output_path:
       evaluate_lib.write_lines(output_path, hyps)
@@ -719,3 +719,49 @@ def attention(cfg: Config, workdir: str, sentence: str, which: str = "latest",
   for p in paths:
     print(p)
   return paths
+
+
+# ----------------------------------------------------------------------------
+# --mode=diagnose
+# ----------------------------------------------------------------------------
+
+def diagnose(cfg: Config, workdir: str, max_batches: int = 0) -> list[dict[str, float]]:
+  """`diagnostics.probe_batch` on the dev split (--eval_split) for the fresh model (step 0,
+  --seed) and every checkpoint of the workdir: one record per step, appended to metrics.jsonl
+  as kind 'diagnose' and printed as a table. max_batches > 0 probes only the first batches."""
+  from transformer import diagnostics  # pylint: disable=g-import-not-at-top
+  s = setup(cfg, workdir, train_vocab=False)
+  _, tokenized = _tokenize(s, cfg.data.eval_split, train=False)
+  tokenized = fit_max_len(tokenized, s.model_cfg.max_len)
+  batches = pipeline.make_eval_batches(tokenized, cfg.data.eval_tokens_per_batch,
+                                       _boundaries(cfg), sharding.batch_size_multiple(s.mesh))
+  batches = batches[:max_batches] if max_batches > 0 else batches
+  probe = jax.jit(functools.partial(diagnostics.probe_batch, s.trainer.model,
+                                    label_smoothing=cfg.train.label_smoothing))
+  directory = os.path.join(workdir, "checkpoints")
+  ckpt = checkpoints.Checkpointer(directory, keep=10**6, create=False)
+  try:
+    steps = ckpt.steps() if os.path.isdir(directory) else []
+  finally:
+    ckpt.close()
+  writer = MetricsWriter(workdir, enabled=s.is_chief)
+  records = []
+  for step in [0] + steps:
+    params = (s.trainer.init_state(cfg.train.seed).params if step == 0
+              else _restore_params(s, str(step))[0])
+    results = []
+    with sharding.mesh_context(s.mesh):
+      for batch in batches:
+        gb = sharding.global_batch(_local_rows({k: batch[k] for k in ("inputs", "targets")}),
+                                   s.mesh)
+        results.append(jax.device_get(probe(params, gb)))
+    rec = diagnostics.combine(results)
+    writer.write(step, "diagnose", rec)
+    records.append({"step": step, **rec})
+    layers = sorted(k for k in rec if k.startswith("grad_norm/"))
+    print(f"step {step}: dev nll {rec['nll']:.3f}, with shuffled sources {rec['nll_shuffled']:.3f}"
+          f" (source gain {rec['source_gain']:.3f} nats/token)")
+    print("  grad norm  " + "  ".join(f"{k[10:]} {rec[k]:.3g}" for k in layers))
+    ents = sorted(k for k in rec if k.startswith("entropy/"))
+    print("  entropy    " + "  ".join(f"{k[8:]} {rec[k]:.2f}" for k in ents))
+  return records

@@ -168,6 +168,20 @@ def linearize(tree: Tree, placeholder: str = PLACEHOLDER) -> str:
   return " ".join(out)
 
 
+def lexicalize(linearized: str, words: Sequence[str], placeholder: str = PLACEHOLDER) -> str:
+  """The `--parse_target=words` form of a linearised tree: each placeholder replaced by its
+  word, `(S (NP XX )NP (VP XX )VP )S` over 'It works' -> `(S (NP It )NP (VP works )VP )S`.
+
+  `parsing.delinearize(..., placeholder=None)` reads it back (any token that is not a
+  bracket takes the next word)."""
+  tokens = linearized.split()
+  if sum(t == placeholder for t in tokens) != len(words):
+    raise ValueError(f"{len(words)} words for {sum(t == placeholder for t in tokens)}"
+                     f" placeholders in {linearized!r}")
+  it = iter(words)
+  return " ".join(next(it) if t == placeholder else t for t in tokens)
+
+
 # Brackets and words; words end at ASCII whitespace only (see the module docstring).
 _TOKEN_RE = re.compile(r"\(|\)|[^ \t\n\r\f\v()]+")
 
@@ -603,19 +617,25 @@ class ParsingSplit(datasets.ParallelSplit):
   """Random-access `{'source', 'target', 'id', 'tree', 'file', 'root'}` view of a parsing split.
 
   'source' is the sentence (words joined by spaces), 'target' the linearised
-  tree, 'tree' the normalised gold tree (one line, POS tags kept), 'root' the
-  raw tree's root label (`is_sentence_root`).
+  tree (`target_form` 'xx': `linearize`, or 'words': `lexicalize`d), 'tree' the normalised
+  gold tree (one line, POS tags kept), 'root' the raw tree's root label (`is_sentence_root`).
   """
 
-  def __init__(self, data_source, name: str = ""):
+  def __init__(self, data_source, name: str = "", target_form: str = "xx"):
     super().__init__(data_source, "sentence", "linearized", has_id=True, ordered=True,
                      name=name)
+    self.target_form = target_form
+    if target_form == "words":  # names the target side, so tokenized stores keep them apart
+      self.target_lang = "linearized_words"
 
   def _convert(self, record: dict[str, Any], rec_index: int) -> dict[str, Any]:
-    out = super()._convert(record, rec_index)
-    for key in ("tree", "file", "root"):
-      value = record[key]
-      out[key] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    del rec_index  # records have an 'id'
+    out = {k: v.decode("utf-8") if isinstance(v, bytes) else str(v) for k, v in record.items()
+           if k in ("sentence", "linearized", "tree", "file", "root")}
+    out["source"], out["target"] = out.pop("sentence"), out.pop("linearized")
+    if self.target_form == "words":
+      out["target"] = lexicalize(out["target"], out["source"].split())
+    out["id"] = int(record["id"])
     return out
 
 
@@ -654,7 +674,7 @@ def is_directory_split(split: str) -> bool:
   return "/" in split or os.sep in split
 
 
-def read_directory_split(split: str) -> ParsingSplit:
+def read_directory_split(split: str, target_form: str = "xx") -> ParsingSplit:
   """The trees of a directory (`tree_files`) as a split, optionally sliced: 'dir[:100]'.
 
   Normalised like the datasets; read directly (no TFDS), so any treebank in
@@ -671,7 +691,7 @@ def read_directory_split(split: str) -> ParsingSplit:
   if not records:
     raise datasets.DataError(f"no trees in {split}")
   logging.info("%s: %d trees", split, len(records))
-  return ParsingSplit(records, name=split)
+  return ParsingSplit(records, name=split, target_form=target_form)
 
 
 def get_parsing_split(data_cfg: DataConfig, split: str, data_dir: str) -> ParsingSplit:
@@ -682,8 +702,9 @@ def get_parsing_split(data_cfg: DataConfig, split: str, data_dir: str) -> Parsin
   with the gold tree under 'tree'. `source_lang`/`target_lang` are ignored.
   """
   if is_directory_split(split):
-    return read_directory_split(split)
+    return read_directory_split(split, data_cfg.parse_target)
   builder, source, tfds_split = datasets.open_split(
       data_dir, split, lambda d: make_parsing_builder(data_cfg, d))
   logging.info("%s %s: %d trees", builder.info.full_name, tfds_split, len(source))
-  return ParsingSplit(source, name=f"{builder.info.full_name}/{tfds_split}")
+  return ParsingSplit(source, name=f"{builder.info.full_name}/{tfds_split}",
+                      target_form=data_cfg.parse_target)

@@ -74,12 +74,13 @@ class Task:
 
   # -- written outputs --------------------------------------------------------
 
-  def write_outputs(self, prefix: str, which: str, hyps: Sequence[str],
+  def write_outputs(self, cfg: Config, prefix: str, which: str, hyps: Sequence[str],
                     examples: Sequence[Example]) -> None:
     """Files --mode=evaluate writes next to the hypotheses (`<prefix>.<which>.hyp`)."""
-    del prefix, which, hyps, examples
+    del cfg, prefix, which, hyps, examples
 
-  def output_lines(self, hyps: Sequence[str], examples: Sequence[Example]) -> list[str]:
+  def output_lines(self, cfg: Config, hyps: Sequence[str],
+                   examples: Sequence[Example]) -> list[str]:
     """What --mode=translate writes for each hypothesis."""
-    del examples
+    del cfg, examples
     return list(hyps)

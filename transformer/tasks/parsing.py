@@ -41,7 +41,7 @@ class Parsing(base.Task):
       return None
     pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
     try:
-      return parsing_lib.TreeConstraint.from_pieces(pieces)
+      return parsing_lib.TreeConstraint.from_pieces(pieces, _placeholder(cfg))
     except ValueError as e:
       raise ConfigError(f"--tree_constraints: {e} (or pass --notree_constraints)") from e
 
@@ -52,7 +52,8 @@ class Parsing(base.Task):
 
   def dev_score(self, cfg: Config, hyps: Sequence[str], examples: Sequence[base.Example],
                 beam_size: int) -> tuple[dict[str, float], str]:
-    rep = parsing_lib.parsing_report(hyps, examples, self._evalb_params(cfg.data))
+    rep = parsing_lib.parsing_report(hyps, examples, self._evalb_params(cfg.data),
+                                     _placeholder(cfg))
     metrics = {"f1": rep["f1"], "repaired": rep["repaired"], "exact_match": rep["exact_match"],
                "sentence_f1": rep["sentence_f1"]}
     return metrics, (f" | F1 {rep['f1']:.2f} (sentence trees {rep['sentence_f1']:.2f};"
@@ -60,7 +61,8 @@ class Parsing(base.Task):
 
   def score(self, cfg: Config, hyps: Sequence[str],
             examples: Sequence[base.Example]) -> dict[str, Any]:
-    return parsing_lib.parsing_report(hyps, examples, self._evalb_params(cfg.data))
+    return parsing_lib.parsing_report(hyps, examples, self._evalb_params(cfg.data),
+                                      _placeholder(cfg))
 
   def report_lines(self, cfg: Config, report: Mapping[str, Any], which: str,
                    step: int) -> list[str]:
@@ -77,14 +79,20 @@ class Parsing(base.Task):
         f" R {r['sentence_recall']:.2f}; exact match {r['sentence_exact_match']:.2f};"
         f" repaired {r['sentence_repaired']}/{r['sentence_sentences']})"]
 
-  def write_outputs(self, prefix: str, which: str, hyps: Sequence[str],
+  def write_outputs(self, cfg: Config, prefix: str, which: str, hyps: Sequence[str],
                     examples: Sequence[base.Example]) -> None:
     """Test and gold trees for EVALB: `evalb -p COLLINS.prm <prefix>.gold.trees
     <prefix>.<which>.trees`."""
-    parsing_lib.write_trees(f"{prefix}.{which}.trees",
-                            [t for t, _ in parsing_lib.predict_trees(hyps, examples)])
+    trees = parsing_lib.predict_trees(hyps, examples, _placeholder(cfg))
+    parsing_lib.write_trees(f"{prefix}.{which}.trees", [t for t, _ in trees])
     parsing_lib.write_trees(f"{prefix}.gold.trees", [ex["tree"] for ex in examples])
 
-  def output_lines(self, hyps: Sequence[str], examples: Sequence[base.Example]) -> list[str]:
+  def output_lines(self, cfg: Config, hyps: Sequence[str],
+                   examples: Sequence[base.Example]) -> list[str]:
     """Bracketed trees (placeholder POS tags)."""
-    return [t.to_string() for t, _ in parsing_lib.predict_trees(hyps, examples)]
+    return [t.to_string() for t, _ in parsing_lib.predict_trees(hyps, examples, _placeholder(cfg))]
+
+
+def _placeholder(cfg: Config) -> Optional[str]:
+  """The word placeholder of --parse_target: 'XX', or None when the target spells the words."""
+  return None if cfg.data.parse_target == "words" else treebank.PLACEHOLDER
