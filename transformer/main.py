@@ -47,8 +47,26 @@ flags.DEFINE_float("mfu", 0.4, "compile: model FLOP utilisation assumed for step
 host.define_flag()
 
 
+class _LineTracker:
+  """sys.stderr that knows whether its last write ended a line (progress bars end with '\r')."""
+
+  def __init__(self, stream):
+    self._stream = stream
+    self.mid_line = False
+
+  def write(self, text):
+    if text:
+      self.mid_line = not text.endswith("\n")
+    return self._stream.write(text)
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
 def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
+  """One `error:` line, on a line of its own even after a progress bar, and exit 2."""
+  start = "\n" if getattr(sys.stderr, "mid_line", False) else ""
+  print(f"{start}error: {message}", file=sys.stderr)
   sys.exit(2)
 
 
@@ -61,6 +79,8 @@ class _QuietLibraries:
 
 
 def main(argv):
+  if not isinstance(sys.stderr, _LineTracker):
+    sys.stderr = _LineTracker(sys.stderr)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; every option is a --flag")
