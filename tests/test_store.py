@@ -11,6 +11,7 @@ import signal
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -123,6 +124,91 @@ def test_parallel_build_equals_serial(tmp_path, examples, toks, monkeypatch):
   assert meta["workers"] == 2
   for name in store._FILES:  # pylint: disable=protected-access
     np.testing.assert_array_equal(np.load(os.path.join(d1, name)), np.load(os.path.join(d2, name)))
+
+
+class _BlockingOpener:
+  """Picklable opener that writes '<pid_dir>/<worker pid>' and then blocks (a worker busy)."""
+
+  def __init__(self, pid_dir):
+    self.pid_dir = str(pid_dir)
+
+  def __call__(self):
+    with open(os.path.join(self.pid_dir, str(os.getpid())), "w", encoding="utf-8"):
+      pass
+    time.sleep(300)
+    return []
+
+
+_BUILD_WITH_BLOCKED_WORKERS = r"""
+import sys
+from tests.test_store import _BlockingOpener, _Examples
+from transformer.data import store, tokenizer
+out, model, pid_dir = sys.argv[1:]
+rows = _Examples({"source": "a b", "target": "c d", "id": i} for i in range(1200))
+store.build(rows, tokenizer.Tokenizer.load(model), out + "/store",
+            store.key(rows.name, "en", "de", "x", len(rows)), workers=2,
+            opener=_BlockingOpener(pid_dir))
+"""
+
+
+def _children(pid: int) -> set[int]:
+  """Every process whose parent is `pid` (from /proc)."""
+  out = set()
+  for entry in os.listdir("/proc"):
+    if entry.isdigit():
+      try:
+        with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
+          ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+      except (OSError, IndexError, ValueError):  # ended meanwhile
+        continue
+      if ppid == pid:
+        out.add(int(entry))
+  return out
+
+
+def _running(pid: int) -> bool:
+  """Exists and is not a zombie (an ended child not yet reaped)."""
+  try:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs Linux /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killing_the_builder_ends_its_workers(tmp_path, toks, sig):
+  """The builder killed while its 2 worker processes encode: no worker (nor the resource
+  tracker) outlives it by more than a few seconds."""
+  pid_dir = tmp_path / "pids"
+  pid_dir.mkdir()
+  with open(tmp_path / "log", "w", encoding="utf-8") as log:
+    builder = subprocess.Popen(
+        [sys.executable, "-c", _BUILD_WITH_BLOCKED_WORKERS, str(tmp_path), toks[0].path,
+         str(pid_dir)], cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+  children: set[int] = set()
+  try:
+    deadline = time.monotonic() + 120
+    while len(os.listdir(pid_dir)) < 2:
+      assert builder.poll() is None, (tmp_path / "log").read_text()
+      assert time.monotonic() < deadline, "the workers never started"
+      time.sleep(0.1)
+    workers = {int(p) for p in os.listdir(pid_dir)}
+    children = _children(builder.pid)
+    assert workers <= children, (workers, children)  # and the resource tracker
+    builder.send_signal(sig)
+    builder.wait(timeout=30)
+    deadline = time.monotonic() + 5
+    while any(map(_running, children)) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert not [p for p in children if _running(p)]
+  finally:
+    if builder.poll() is None:
+      builder.kill()
+      builder.wait()
+    for pid in children:  # leave nothing running, also when the test fails
+      if _running(pid):
+        os.kill(pid, signal.SIGKILL)
 
 
 def test_keyed_by_vocabulary_and_split(tmp_path, examples, toks):

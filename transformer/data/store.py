@@ -26,6 +26,7 @@ batches (and the OS page cache shares them between processes on one host).
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import errno
 import hashlib
 import json
@@ -33,6 +34,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -195,7 +197,24 @@ def _encode_rows(examples, tokenizer, start: int, stop: int, dtype: np.dtype,
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(opener: Callable[[], Sequence], tokenizer) -> None:
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent_pid: int) -> None:
+  """Ends this worker when the process that started it ends, however it ends (SIGKILL too):
+  a worker must not outlive its builder (Linux: the kernel's parent-death signal)."""
+  try:
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+  except (OSError, AttributeError):  # not Linux: no parent-death signal
+    return
+  if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    logging.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+  if os.getppid() != parent_pid:  # the builder ended before the signal was set
+    os._exit(1)  # pylint: disable=protected-access
+
+
+def _worker_init(opener: Callable[[], Sequence], tokenizer, parent_pid: int) -> None:
+  _die_with_parent(parent_pid)
   _WORKER["examples"] = opener()
   _WORKER["tokenizer"] = tokenizer
 
@@ -233,7 +252,7 @@ def build(examples: Sequence[dict[str, Any]], tokenizer, directory: str,
     key_: `key(...)` of this store, saved in meta.json.
     workers: processes encoding row ranges in parallel (each reads its own rows; ranges of
       ceil(rows / workers) rows, within [_MIN_TASK_ROWS, _TASK_ROWS]); 1 encodes here with
-      SentencePiece's threads.
+      SentencePiece's threads. A worker ends when this process ends, however it ends.
     opener: picklable () -> examples for the worker processes (needed when workers > 1).
 
   Returns:
@@ -256,7 +275,7 @@ def build(examples: Sequence[dict[str, Any]], tokenizer, directory: str,
       ctx = multiprocessing.get_context("spawn")  # no fork of a process running JAX threads
       with concurrent.futures.ProcessPoolExecutor(
           max_workers=processes, mp_context=ctx,
-          initializer=_worker_init, initargs=(opener, tokenizer)) as pool:
+          initializer=_worker_init, initargs=(opener, tokenizer, os.getpid())) as pool:
         futures = [pool.submit(_worker_task, a, b, dtype.str, os.path.join(tmp, f"part{i:06d}"))
                    for i, (a, b) in enumerate(ranges)]
         try:
