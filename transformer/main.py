@@ -101,6 +101,7 @@ def main(argv):
   from transformer import run  # pylint: disable=g-import-not-at-top  (imports jax)
   try:
     cfg = config_lib.from_flags(FLAGS)
+    run.check_paths(cfg, FLAGS.mode, FLAGS.workdir, FLAGS.input, FLAGS.output)
     if FLAGS.mode == "prepare":
       run.prepare(cfg, FLAGS.workdir)
     elif FLAGS.mode == "train":

@@ -42,6 +42,7 @@ from typing import Any, Callable, Optional, Sequence
 from absl import logging
 import numpy as np
 
+from transformer import io_utils
 from transformer.data import pipeline
 from transformer.data.errors import describe_failure
 
@@ -364,6 +365,44 @@ def _fsync(path: str) -> None:
     os.close(fd)
 
 
+def _matching_meta(directory: str, want: dict[str, Any]) -> Optional[dict[str, Any]]:
+  """meta.json of the complete store at `directory` (None if there is none); a store of
+  another key there is a StoreError."""
+  meta = _read_meta(directory)
+  if meta is not None:
+    got = {k: meta.get(k) for k in want}
+    if got != want:
+      raise StoreError(f"tokenized store {directory} was built for {got}, not {want};"
+                       " move it away to rebuild")
+  return meta
+
+
+def _describe(examples, tokenizer) -> tuple[str, str, str, str, dict[str, Any]]:
+  """(name, source lang, target lang, vocabulary sha256, key) of the store of `examples`."""
+  name = getattr(examples, "name", "")
+  src = getattr(examples, "source_lang", "source")
+  tgt = getattr(examples, "target_lang", "target")
+  fp = tokenizer.fingerprint()
+  return name, src, tgt, fp, key(name, src, tgt, fp, len(examples))
+
+
+def _roots(root: str, fallback_root: Optional[str]) -> list[str]:
+  return [root] + ([fallback_root] if fallback_root and fallback_root != root else [])
+
+
+def existing(examples: Sequence[dict[str, Any]], tokenizer, root: str,
+             fallback_root: Optional[str] = None) -> Optional[tuple[str, dict[str, Any]]]:
+  """(directory, meta) of the complete store of `examples` under `root`, else under
+  `fallback_root`; None if neither has one (see `open_or_build`)."""
+  name, src, tgt, fp, want = _describe(examples, tokenizer)
+  for r in _roots(root, fallback_root):
+    directory = store_dir(r, name, src, tgt, fp)
+    meta = _matching_meta(directory, want)
+    if meta is not None:
+      return directory, meta
+  return None
+
+
 def open_or_build(examples: Sequence[dict[str, Any]], tokenizer, root: str,
                   workers: int = 1, opener: Optional[Callable[[], Sequence]] = None,
                   fallback_root: Optional[str] = None,
@@ -374,24 +413,16 @@ def open_or_build(examples: Sequence[dict[str, Any]], tokenizer, root: str,
   complete store under `root`, else under `fallback_root`, is opened; a missing one is built
   under `root`, or under `fallback_root` when `root` is read-only (e.g. shared data mounted
   read-only on the training nodes). With `may_build=False` (a process other than the one
-  that builds) a missing store is a `StoreError`. A disk failure while building (full disk,
+  that builds) a missing store is a `StoreError`. Processes sharing `root` build a store
+  once: the first holds '.<store directory name>.lock' next to it while building, the others
+  wait and then open it (and return False). A disk failure while building (full disk,
   file-size limit, I/O error) is a one-line `StoreError`.
   """
-  name = getattr(examples, "name", "")
-  src = getattr(examples, "source_lang", "source")
-  tgt = getattr(examples, "target_lang", "target")
-  fp = tokenizer.fingerprint()
-  want = key(name, src, tgt, fp, len(examples))
-  roots = [root] + ([fallback_root] if fallback_root and fallback_root != root else [])
-  for r in roots:
-    directory = store_dir(r, name, src, tgt, fp)
-    meta = _read_meta(directory)
-    if meta is not None:
-      got = {k: meta.get(k) for k in want}
-      if got != want:
-        raise StoreError(f"tokenized store {directory} was built for {got}, not {want};"
-                         " move it away to rebuild")
-      return directory, meta, False
+  found = existing(examples, tokenizer, root, fallback_root)
+  if found is not None:
+    return found + (False,)
+  name, src, tgt, fp, want = _describe(examples, tokenizer)
+  roots = _roots(root, fallback_root)
   if not may_build:
     raise StoreError(f"{store_dir(root, name, src, tgt, fp)}: not visible after process 0 built"
                      " it (every process needs the same --tfds_data_dir, on a shared"
@@ -399,7 +430,13 @@ def open_or_build(examples: Sequence[dict[str, Any]], tokenizer, root: str,
   for i, r in enumerate(roots):
     directory = store_dir(r, name, src, tgt, fp)
     try:
-      return directory, build(examples, tokenizer, directory, want, workers, opener), True
+      lock = os.path.join(os.path.dirname(directory), f".{os.path.basename(directory)}.lock")
+      with io_utils.exclusive_lock(lock):  # builders of the same store wait for the first
+        meta = _matching_meta(directory, want)
+        if meta is not None:
+          logging.info("tokenized store %s was built by another process meanwhile", directory)
+          return directory, meta, False
+        return directory, build(examples, tokenizer, directory, want, workers, opener), True
     except OSError as e:
       if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
         raise StoreError(f"building {directory} failed: {describe_failure(e)}") from e
