@@ -161,7 +161,7 @@ def test_a_damaged_tar_fails_instead_of_ending_early(tmp_path, damage):
   with tfds_compat.without_tensorflow():
     assert _extract_names(whole, method) == list(members)
     with pytest.raises(tarfile.ReadError, match=r"damaged or truncated after 1536 bytes.*"
-                       r"extracted only 1 members"):
+                       r"members read before it: 1$"):
       _extract_names(damaged, method)
     gz = tmp_path / "damaged.tgz"
     gz.write_bytes(gzip.compress(data))

@@ -183,8 +183,8 @@ class CompleteTarFile(tarfile.TarFile):
     if info is None and not isinstance(self.stopped_at, tarfile.EOFHeaderError):
       raise tarfile.ReadError(
           f"the tar archive is damaged or truncated after {self.offset} bytes"
-          f" ({self.stopped_at or 'no end-of-archive marker'}); extracted only"
-          f" {len(self.members)} members")
+          f" ({self.stopped_at or 'no end-of-archive marker'}); members read before it:"
+          f" {len(self.members)}")
     return info
 
 
