@@ -320,9 +320,9 @@ def prepare(cfg: Config, workdir: str) -> dict[str, Any]:
   task = tasks.get(cfg.data.task)
   builder = task.make_builder(cfg.data, data_dir)
   # Who made each part: this process ('now'), another one that it waited for, or none.
-  made = {"tfds": builder.is_prepared()}
-  if any(task.is_stored(split) for split in splits):  # some split is TFDS data
-    made["tfds"] = _made(made["tfds"], _chief_first(lambda: datasets.prepare(builder)))
+  uses_tfds = any(task.is_stored(split) for split in splits)  # not only directory splits
+  made = {"tfds": _made(builder.is_prepared() or not uses_tfds,
+                        uses_tfds and _chief_first(lambda: datasets.prepare(builder)))}
   examples = {}
   for split in splits:
     examples[split] = _chief_first(lambda split=split: task.get_split(cfg.data, split, data_dir))
