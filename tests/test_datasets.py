@@ -11,6 +11,7 @@ import threading
 
 import pytest
 
+from transformer import io_utils
 from transformer.config import DataConfig
 from transformer.data import datasets
 
@@ -217,7 +218,7 @@ def test_a_job_waiting_for_another_jobs_preparation_reads_it(multi30k_dir, tmp_p
     if op == fcntl.LOCK_EX:
       waiting.set()
     real_flock(f, op)
-  monkeypatch.setattr(datasets.fcntl, "flock", flock)
+  monkeypatch.setattr(io_utils.fcntl, "flock", flock)
   prepared = []
   real_prepare = datasets._download_and_prepare
   monkeypatch.setattr(datasets, "_download_and_prepare",

@@ -237,3 +237,42 @@ def test_interrupted_prepare_is_redone(tmp_path):
     _check_split(got[f"wmt14_translate/de-en:{split}"], fakes.expected[("de-en", split)],
                  ordered=False)
   assert _prepared(tmp_path / "data")
+
+
+def _fr_en_prepare(tmp_path, *fake_args):
+  cmd = [sys.executable, "-m", "tests.wmt_fakes", *fake_args, "--", "--mode=prepare",
+         "--dataset=wmt14_translate/fr-en", "--source_lang=en", "--target_lang=fr",
+         f"--tfds_data_dir={tmp_path / 'data'}", f"--workdir={tmp_path / 'work'}"]
+  return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+                        timeout=300, check=False)
+
+
+def _one_error(proc) -> str:
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = _error_lines(proc.stderr)
+  assert len(errors) == 1, errors
+  return errors[0]
+
+
+def test_damaged_gz_member_of_a_tar_is_named(tmp_path):
+  """giga-fren's tar holds .gz files; a damaged one is named with the archive it came from."""
+  member = wmt_fakes.damage_gz_member(wmt_fakes.make_fakes(4).files[wmt_fakes.GIGAFREN_URL])[1]
+  error = _one_error(_fr_en_prepare(tmp_path, f"--damage_gz_member={wmt_fakes.GIGAFREN_URL}"))
+  assert re.search(rf"member {re.escape(member)} of the archive \S*training-giga-fren\S*\.tar"
+                   r" \(.*\) is damaged: EOFError: Compressed file ended", error), error
+  assert not _prepared(tmp_path / "data", "fr-en")
+
+
+def test_damaged_tar_extraction_is_not_kept_and_is_redone(tmp_path):
+  """A tar whose second header is garbled (its checksum registered, so it downloads): the
+  extraction fails naming the archive, nothing partial is put in place, the next run
+  extracts it again (and fails the same way, not on files missing from a kept extraction)."""
+  extracted = tmp_path / "data" / "downloads" / "extracted"
+  for _ in range(2):
+    error = _one_error(_fr_en_prepare(tmp_path,
+                                      f"--garble_tar_header={wmt_fakes.GIGAFREN_URL}"))
+    assert re.search(r"ExtractError: Error while extracting \S*training-giga-fren\S*\.tar.*"
+                     r"damaged or truncated after \d+ bytes", error), error
+    assert not [p for p in extracted.iterdir() if "giga-fren" in p.name
+                and not p.name.startswith("incomplete")]
+  assert not _prepared(tmp_path / "data", "fr-en")

@@ -19,3 +19,16 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
     f.write("dritte ä")
   assert path.read_bytes() == "dritte ä".encode("utf-8")
   assert [p.name for p in path.parent.iterdir()] == ["out.bin"]
+
+
+def test_path_problem_names_what_is_in_the_way(tmp_path):
+  a_file, a_dir = tmp_path / "f", tmp_path / "d"
+  a_file.write_text("x")
+  a_dir.mkdir()
+  assert io_utils.path_problem(a_dir, directory=True) is None
+  assert io_utils.path_problem(a_file, directory=False) is None
+  assert io_utils.path_problem(tmp_path / "new" / "deeper", directory=True) is None  # creatable
+  assert io_utils.path_problem(a_file, directory=True) == f"{a_file} is a file, not a directory"
+  assert io_utils.path_problem(a_dir, directory=False) == f"{a_dir} is a directory, not a file"
+  assert io_utils.path_problem(a_file / "a" / "m.model", directory=False) == (
+      f"{a_file / 'a' / 'm.model'} cannot be created: {a_file} is a file, not a directory")

@@ -225,3 +225,30 @@ def test_prepare_parsing_datasets(tmp_path):
       m = re.search(rf"^tokenized {re.escape(split)}: (\S+) \(now\): {n} rows", r.stdout, re.M)
       assert m, r.stdout
       assert os.path.isfile(os.path.join(m[1], "COMPLETE"))
+
+
+_FAIL_UNDER_A_PROGRESS_BAR = r"""
+import sys
+import tqdm
+from transformer import main, run
+
+def prepare(cfg, workdir):
+  bar = tqdm.tqdm(total=4, desc="Generating train examples...", mininterval=0)
+  bar.update(1)  # drawn, ending with '\r', and never closed
+  raise run.datasets.DataError("preparing it failed: boom")
+
+run.prepare = prepare
+sys.argv = ["transformer.main", "--mode=prepare", "--workdir=" + sys.argv[1]]
+main.run_main()
+"""
+
+
+def test_error_line_starts_its_own_line_after_a_progress_bar(tmp_path):
+  """`grep '^error:'` finds the error even when it follows a half-drawn progress bar."""
+  env = dict(os.environ, PYTHONPATH=REPO)
+  r = subprocess.run([sys.executable, "-c", _FAIL_UNDER_A_PROGRESS_BAR, str(tmp_path / "w")],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert "Generating train examples..." in r.stderr
+  lines = r.stderr.split("\n")  # a log file's lines: '\r' does not end one
+  assert [l for l in lines if l.startswith("error:")] == ["error: preparing it failed: boom"], lines

@@ -1,7 +1,12 @@
 """Workflow error paths and input limits of transformer/run.py, in process (no subprocess)."""
 
 import dataclasses
+import json
 import logging as std_logging
+import os
+import re
+import subprocess
+import sys
 import types
 
 import jax
@@ -12,6 +17,8 @@ from transformer import checkpoints, config as config_lib, run, sharding
 from transformer.config import EOS_ID, ModelConfig, TrainConfig
 from transformer.data import pipeline
 from transformer.train import Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CFG = ModelConfig(vocab_size=40, d_model=16, d_ff=32, num_heads=2, num_encoder_layers=1,
                   num_decoder_layers=1)
@@ -139,3 +146,85 @@ def test_train_log_averages_the_window_and_skips_non_finite_steps(caplog):
            "tokens": np.float32(4.0), "source_tokens": np.float32(0.0)})
   log.flush(3)
   assert log.write(3, {"grad_norm": np.float32(0.0)})["loss"] == pytest.approx(0.25)
+
+
+# Runs transformer.main in process once per row of argv lists (one interpreter for the whole
+# table); prints 'JSON [[exit code or "traceback", stderr], ...]'.
+_MAIN_PER_ROW = r"""
+import io, json, sys, traceback
+from absl import flags
+from transformer import main
+results = []
+for argv in json.loads(sys.argv[1]):
+  err = sys.stderr = io.StringIO()
+  try:
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    main.main([argv[0]])
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  except BaseException:  # what the test looks for: an exception that reached the user
+    traceback.print_exc(file=err)
+    code = "traceback"
+  finally:
+    sys.stderr = sys.__stderr__
+  results.append([code, err.getvalue()])
+print("JSON " + json.dumps(results))
+"""
+
+# The path flags each mode reads or writes: (flag, whether it names a directory).
+_PATH_FLAGS = {"--workdir": True, "--tfds_data_dir": True, "--raw_data_dir": True,
+               "--vocab_path": False, "--evalb_params": False}
+_MODE_PATH_FLAGS = {
+    "prepare": {}, "train": {}, "average": {},
+    "evaluate": {"--output": False},
+    "translate": {"--input": False, "--output": False},
+    "plot": {"--output": False},
+    "attention": {"--output": True},
+}
+
+
+def test_every_path_flag_of_every_mode_of_the_wrong_kind_is_one_error_line(tmp_path):
+  """Path audit: each path flag of each mode given a file where a directory belongs, a
+  directory where a file belongs, or a path under a file (its parent cannot be made): one
+  `error:` line naming the flag, exit 2, no traceback, nothing created."""
+  a_file, a_dir = tmp_path / "a_file", tmp_path / "a_dir"
+  a_file.write_text("x\n")
+  a_dir.mkdir()
+  (tmp_path / "pairs.en").write_text("a b\n")
+  (tmp_path / "pairs.de").write_text("c d\n")
+  prefix = tmp_path / "pairs"
+  base = ["--dataset=parallel_text", "--source_lang=en", "--target_lang=de",
+          f"--parallel_text_splits=train={prefix},validation={prefix},test={prefix}",
+          "--vocab_size=8", "--spm_model_type=word", "--num_train_steps=1", "--d_model=8",
+          "--d_ff=8", "--num_heads=1", "--num_encoder_layers=1", "--num_decoder_layers=1",
+          "--sentence=a b", f"--input={prefix}.en"]
+  rows, argvs = [], []
+  for mode, extra in _MODE_PATH_FLAGS.items():
+    for flag, is_dir in {**_PATH_FLAGS, **extra}.items():
+      for kind, value in (("wrong kind", a_file if is_dir else a_dir),
+                          ("parent is a file", a_file / "sub" / "x")):
+        args = {"--workdir": str(tmp_path / "work")}
+        args[flag] = str(value)
+        rows.append((mode, flag, kind))
+        argvs.append(["transformer.main", f"--mode={mode}", *base,
+                      *(f"{k}={v}" for k, v in args.items())])
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)
+  r = subprocess.run([sys.executable, "-c", _MAIN_PER_ROW, json.dumps(argvs)], cwd=REPO,
+                     env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  results = json.loads([l for l in r.stdout.splitlines() if l.startswith("JSON ")][-1][5:])
+  assert len(results) == len(rows) == 80  # 7 modes x 5 flags + 5 mode flags, x 2
+  bad = []
+  for (mode, flag, kind), (code, stderr) in zip(rows, results):
+    errors = [l for l in stderr.split("\n") if l.startswith("error:")]
+    ok = (code == 2 and "Traceback" not in stderr and len(errors) == 1
+          and re.match(rf"error: {flag}[: ]", errors[0]))
+    if not ok:
+      bad.append(f"{mode} {flag} {kind}: {code} {stderr[-300:]!r}")
+  assert not bad, "\n".join(bad)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "a_dir", "a_file", "pairs.de", "pairs.en"]  # no workdir, nothing prepared
+  assert not list(a_dir.iterdir())

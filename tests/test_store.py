@@ -11,6 +11,7 @@ import signal
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -125,6 +126,91 @@ def test_parallel_build_equals_serial(tmp_path, examples, toks, monkeypatch):
     np.testing.assert_array_equal(np.load(os.path.join(d1, name)), np.load(os.path.join(d2, name)))
 
 
+class _BlockingOpener:
+  """Picklable opener that writes '<pid_dir>/<worker pid>' and then blocks (a worker busy)."""
+
+  def __init__(self, pid_dir):
+    self.pid_dir = str(pid_dir)
+
+  def __call__(self):
+    with open(os.path.join(self.pid_dir, str(os.getpid())), "w", encoding="utf-8"):
+      pass
+    time.sleep(300)
+    return []
+
+
+_BUILD_WITH_BLOCKED_WORKERS = r"""
+import sys
+from tests.test_store import _BlockingOpener, _Examples
+from transformer.data import store, tokenizer
+out, model, pid_dir = sys.argv[1:]
+rows = _Examples({"source": "a b", "target": "c d", "id": i} for i in range(1200))
+store.build(rows, tokenizer.Tokenizer.load(model), out + "/store",
+            store.key(rows.name, "en", "de", "x", len(rows)), workers=2,
+            opener=_BlockingOpener(pid_dir))
+"""
+
+
+def _children(pid: int) -> set[int]:
+  """Every process whose parent is `pid` (from /proc)."""
+  out = set()
+  for entry in os.listdir("/proc"):
+    if entry.isdigit():
+      try:
+        with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
+          ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+      except (OSError, IndexError, ValueError):  # ended meanwhile
+        continue
+      if ppid == pid:
+        out.add(int(entry))
+  return out
+
+
+def _running(pid: int) -> bool:
+  """Exists and is not a zombie (an ended child not yet reaped)."""
+  try:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs Linux /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killing_the_builder_ends_its_workers(tmp_path, toks, sig):
+  """The builder killed while its 2 worker processes encode: no worker (nor the resource
+  tracker) outlives it by more than a few seconds."""
+  pid_dir = tmp_path / "pids"
+  pid_dir.mkdir()
+  with open(tmp_path / "log", "w", encoding="utf-8") as log:
+    builder = subprocess.Popen(
+        [sys.executable, "-c", _BUILD_WITH_BLOCKED_WORKERS, str(tmp_path), toks[0].path,
+         str(pid_dir)], cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+  children: set[int] = set()
+  try:
+    deadline = time.monotonic() + 120
+    while len(os.listdir(pid_dir)) < 2:
+      assert builder.poll() is None, (tmp_path / "log").read_text()
+      assert time.monotonic() < deadline, "the workers never started"
+      time.sleep(0.1)
+    workers = {int(p) for p in os.listdir(pid_dir)}
+    children = _children(builder.pid)
+    assert workers <= children, (workers, children)  # and the resource tracker
+    builder.send_signal(sig)
+    builder.wait(timeout=30)
+    deadline = time.monotonic() + 5
+    while any(map(_running, children)) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert not [p for p in children if _running(p)]
+  finally:
+    if builder.poll() is None:
+      builder.kill()
+      builder.wait()
+    for pid in children:  # leave nothing running, also when the test fails
+      if _running(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
 def test_keyed_by_vocabulary_and_split(tmp_path, examples, toks):
   d300, _, _ = store.open_or_build(examples, toks[0], str(tmp_path))
   d350, _, built = store.open_or_build(examples, toks[1], str(tmp_path))
@@ -177,7 +263,8 @@ def test_interrupted_or_damaged_store_is_never_read(tmp_path, examples, toks, mo
     store.open_or_build(examples, tok, root)
   monkeypatch.setattr(tokenizer_lib.Tokenizer, "encode_batch", original)
   assert len(calls) == 3 and not os.path.exists(directory)
-  assert not os.listdir(os.path.dirname(directory))  # the temporary directory is gone
+  # The temporary directory is gone; the builders' lock file stays.
+  assert os.listdir(os.path.dirname(directory)) == [f".{os.path.basename(directory)}.lock"]
   with pytest.raises(store.StoreError, match="no complete tokenized store"):
     store.StoredSplit(directory)
 
@@ -358,6 +445,38 @@ def test_prepare_on_two_processes_builds_once(tmp_path, multi30k_dir):
   assert not [d for d in os.listdir(parent) if ".tmp-" in d or ".invalid-" in d]
 
 
+def test_three_prepares_at_once_make_each_part_once(tmp_path, multi30k_dir):
+  """Three independent prepares on the same directories (as on a pod, every host running the
+  same command): the data is prepared, the vocabulary trained and each store built by one of
+  them; the others wait and say so."""
+  workdir = tmp_path / "run"
+  logs = [tmp_path / f"p{i}.log" for i in range(3)]
+  procs = [processes.start(_prepare_cmd(workdir, multi30k_dir, "--tokenize_workers=1"), log,
+                           _env()) for log in logs]
+  processes.wait_all(procs, timeout=300)
+  out = [log.read_text(encoding="utf-8", errors="replace") for log in logs]
+  assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-2000:] for o in out)
+  every = "".join(out)
+  # Side effects, counted in the logs of all three: each part was made once.
+  assert every.count("Preparing multi30k/") == 1
+  assert every.count("SentencePiece: wrote") == 1
+  built = re.findall(r"tokenized (multi30k\S*): \d+ rows", every)
+  assert sorted(built) == sorted(set(built)) and len(built) == 3, built
+  # What each says: one made it, the others waited for it (or found it there).
+  parts = {"tfds": r"tfds: .* \((now|prepared by another process while this one waited|"
+                   r"already there)\)",
+           "vocabulary": r"vocabulary: .* \((trained now|trained by another process while"
+                         r" this one waited|already there)\)"}
+  for split in ("train[:1500]", "validation[:40]", "test[:24]"):
+    parts[split] = (rf"tokenized {re.escape(split)}: .* \((now|built by another process while"
+                    rf" this one waited|already there)\)")
+  for part, pattern in parts.items():
+    said = [re.search(pattern, o).group(1) for o in out]
+    assert sum(s in ("now", "trained now") for s in said) == 1, (part, said)
+  parent = next((workdir / "tfds" / "tokenized").glob("multi30k/*/1.0.0"))
+  assert not [d for d in os.listdir(parent) if ".tmp-" in d or ".invalid-" in d]
+
+
 def test_benchmark_script_at_tiny_size(tmp_path):
   r = subprocess.run(
       [sys.executable, "-m", "benchmarks.input_pipeline", "--pairs=400", "--words=300",
@@ -445,7 +564,8 @@ def test_a_builder_that_loses_the_rename_race_uses_the_winners_store(tmp_path, e
   monkeypatch.setattr(store.os, "rename", rename)
   d, meta, _ = store.open_or_build(examples, tok, str(tmp_path / "root"))
   assert raced and d == directory and meta == winner_meta
-  assert os.listdir(os.path.dirname(directory)) == [os.path.basename(directory)]
+  name = os.path.basename(directory)
+  assert sorted(os.listdir(os.path.dirname(directory))) == [f".{name}.lock", name]
   assert store.StoredSplit(directory).source(3).tolist() == _oracle(examples, tok)[0][3]
 
 
@@ -514,7 +634,8 @@ def test_file_size_limit_gives_one_error_line(tmp_path, multi30k_dir):
                    r"OSError: \[Errno %d\] File too large \(a file exceeds the file-size "
                    r"limit\)$" % errno.EFBIG, errors[0]), errors
   parent = next((workdir / "tfds" / "tokenized").glob("multi30k/*/1.0.0"))
-  assert sorted(d.split(".")[0].split("-")[0] for d in os.listdir(parent)) == [
+  assert sorted(d.split(".")[0].split("-")[0] for d in os.listdir(parent)
+                if not d.endswith(".lock")) == [
       "test_24", "train_100", "validation_40"]  # no half-made train store
 
 

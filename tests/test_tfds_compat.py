@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import io
 import os
@@ -52,9 +53,9 @@ def test_pinned_tfds_modules_are_supported():
   assert [m.__name__ for m in modules] == list(tfds_compat.PATCHED_MODULES)
 
 
-def _tgz(members: dict[str, bytes]) -> bytes:
+def _tgz(members: dict[str, bytes], mode: str = "w:gz") -> bytes:
   buf = io.BytesIO()
-  with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+  with tarfile.open(fileobj=buf, mode=mode) as tar:
     for name, data in members.items():
       info = tarfile.TarInfo(name)
       info.size = len(data)
@@ -134,3 +135,36 @@ def test_as_text():
   assert as_text("Köln") == "Köln"
   with pytest.raises(TypeError):
     as_text(3)
+
+
+def _extract_names(archive, method) -> list[str]:
+  return [tfds_compat.as_text(name) for name, _ in extractor.iter_archive(archive, method)]
+
+
+@pytest.mark.parametrize("damage", ["garbled_second_header", "cut_before_second_header"])
+def test_a_damaged_tar_fails_instead_of_ending_early(tmp_path, damage):
+  members = {"giga.fr.gz": b"x" * 700, "giga.en.gz": b"y" * 300}
+  data = _tgz(members, mode="w")
+  second = 512 + 1024  # the first header, then 700 bytes padded to 1024
+  assert data[second + 257:second + 262] == b"ustar"  # the second member's header is there
+  if damage == "garbled_second_header":
+    data = data[:second] + b"garbage!" * 64 + data[second + 512:]
+  else:
+    data = data[:second]
+  whole, damaged = tmp_path / "whole.tar", tmp_path / "damaged.tar"
+  whole.write_bytes(_tgz(members, mode="w"))
+  damaged.write_bytes(data)
+  method = resource.ExtractMethod.TAR
+  # Python's tarfile alone stops after the first member without a word.
+  with tarfile.open(damaged, "r:*") as tar:
+    assert tar.getnames() == ["giga.fr.gz"]
+  with tfds_compat.without_tensorflow():
+    assert _extract_names(whole, method) == list(members)
+    with pytest.raises(tarfile.ReadError, match=r"damaged or truncated after 1536 bytes.*"
+                       r"members read before it: 1$"):
+      _extract_names(damaged, method)
+    gz = tmp_path / "damaged.tgz"
+    gz.write_bytes(gzip.compress(data))
+    with pytest.raises(tarfile.ReadError, match="damaged or truncated"):
+      _extract_names(gz, resource.ExtractMethod.TAR_GZ)
+  assert extractor.tarfile is tarfile  # restored

@@ -176,6 +176,23 @@ def corrupt_tgz(data: bytes) -> bytes:
   return data[:len(data) // 2]
 
 
+def garble_second_header(data: bytes) -> bytes:
+  """A plain tar whose second member's header is overwritten: `tarfile` alone stops there
+  without an error, after the first member."""
+  with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+    offset = tar.getmembers()[1].offset
+  return data[:offset] + b"garbage!" * 64 + data[offset + 512:]
+
+
+def damage_gz_member(data: bytes) -> tuple[bytes, str]:
+  """(the plain tar with its first `.gz` member cut in half, that member's name)."""
+  with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+    members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+  name = next(n for n in members if n.endswith(".gz"))
+  members[name] = members[name][:len(members[name]) // 2]
+  return _tar(members, compress=False), name
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
   """GET /<scheme>/<host>/<path> -> the fake bytes of that URL, or 404."""
 
@@ -295,6 +312,12 @@ def main(argv: list[str]) -> None:
                       help="serve this URL's archive cut in half (checksum registered)")
   parser.add_argument("--bad_checksum", action="append", default=[],
                       help="register a wrong checksum for this URL")
+  parser.add_argument("--garble_tar_header", action="append", default=[],
+                      help="serve this URL's plain tar with its second header garbled"
+                      " (checksum registered)")
+  parser.add_argument("--damage_gz_member", action="append", default=[],
+                      help="serve this URL's plain tar with its first .gz member cut in half"
+                      " (checksum registered)")
   parser.add_argument("--stall_marker", default=None,
                       help="write this file and sleep inside the WMT14 test split")
   parser.add_argument("--check_tf", action="store_true",
@@ -307,6 +330,10 @@ def main(argv: list[str]) -> None:
   registered = dict(fakes.files)
   for url in args.corrupt:
     served[url] = registered[url] = corrupt_tgz(fakes.files[url])
+  for url in args.garble_tar_header:
+    served[url] = registered[url] = garble_second_header(fakes.files[url])
+  for url in args.damage_gz_member:
+    served[url] = registered[url] = damage_gz_member(fakes.files[url])[0]
   for url in args.bad_checksum:
     registered[url] = fakes.files[url] + b"different"
   with contextlib.ExitStack() as stack:

@@ -49,8 +49,26 @@ flags.DEFINE_float("mfu", 0.4, "compile: model FLOP utilisation assumed for step
 host.define_flag()
 
 
+class _LineTracker:
+  """sys.stderr that knows whether its last write ended a line (progress bars end with '\r')."""
+
+  def __init__(self, stream):
+    self._stream = stream
+    self.mid_line = False
+
+  def write(self, text):
+    if text:
+      self.mid_line = not text.endswith("\n")
+    return self._stream.write(text)
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
 def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
+  """One `error:` line, on a line of its own even after a progress bar, and exit 2."""
+  start = "\n" if getattr(sys.stderr, "mid_line", False) else ""
+  print(f"{start}error: {message}", file=sys.stderr)
   sys.exit(2)
 
 
@@ -63,6 +81,8 @@ class _QuietLibraries:
 
 
 def main(argv):
+  if not isinstance(sys.stderr, _LineTracker):
+    sys.stderr = _LineTracker(sys.stderr)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; every option is a --flag")
@@ -83,6 +103,7 @@ def main(argv):
   from transformer import run  # pylint: disable=g-import-not-at-top  (imports jax)
   try:
     cfg = config_lib.from_flags(FLAGS)
+    run.check_paths(cfg, FLAGS.mode, FLAGS.workdir, FLAGS.input, FLAGS.output)
     if FLAGS.mode == "prepare":
       run.prepare(cfg, FLAGS.workdir)
     elif FLAGS.mode == "train":

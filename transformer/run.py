@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from transformer import checkpoints, evaluate as evaluate_lib, sharding, tasks
+from transformer import checkpoints, evaluate as evaluate_lib, io_utils, sharding, tasks
 from transformer.config import EOS_ID, Config, ConfigError, ModelConfig
 from transformer.data import datasets, pipeline, store, tokenizer as tokenizer_lib
 from transformer.decode import BeamSearcher
@@ -36,7 +36,30 @@ class NonFiniteError(RuntimeError):
 
 
 USER_ERRORS = (ConfigError, checkpoints.CheckpointError, datasets.DataError, store.StoreError,
-               FileNotFoundError, ValueError, NonFiniteError)
+               FileNotFoundError, ValueError, NonFiniteError,
+               # a path of the wrong kind that `check_paths` could not foresee
+               NotADirectoryError, IsADirectoryError, FileExistsError)
+
+
+def check_paths(cfg: Config, mode: str, workdir: Optional[str], input_path: Optional[str] = None,
+                output_path: Optional[str] = None) -> None:
+  """Each path flag that `mode` reads or writes names a directory or a file as it should, or
+  can be created as one (its nearest existing ancestor is a directory): a ConfigError before
+  any work. Inputs that are missing are reported where they are read."""
+  dirs = {"--workdir": workdir, "--tfds_data_dir": cfg.data.tfds_data_dir,
+          "--raw_data_dir": cfg.data.raw_data_dir}
+  files = {"--vocab_path": cfg.data.vocab_path, "--evalb_params": cfg.data.evalb_params}
+  if mode == "translate":
+    files["--input"] = input_path
+  if mode in ("evaluate", "translate", "plot"):
+    files["--output"] = output_path
+  elif mode == "attention":
+    dirs["--output"] = output_path
+  for paths, directory in ((dirs, True), (files, False)):
+    for flag, path in paths.items():
+      problem = path and io_utils.path_problem(path, directory)
+      if problem:
+        raise ConfigError(f"{flag}: {problem}")
 
 
 # ----------------------------------------------------------------------------
@@ -266,6 +289,22 @@ def _dir_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
+_THERE, _NOW, _OTHER = "already there", "now", "by another process"
+
+
+def _made(was_there: bool, made_here: bool) -> str:
+  """Who made a part that exists now: nobody (_THERE), this process, or another one."""
+  return _THERE if was_there else _NOW if made_here else _OTHER
+
+
+def _say(made: str, verb: str) -> str:
+  """How the prepare report names who made a part: 'now' ('trained now' for the
+  vocabulary), 'already there', or '<verb> by another process while this one waited'."""
+  if made == _OTHER:
+    return f"{verb} by another process while this one waited"
+  return "trained now" if made == _NOW and verb == "trained" else made
+
+
 def prepare(cfg: Config, workdir: str) -> dict[str, Any]:
   """Everything a training job reads, made once: the TFDS data of every split the run uses,
   the SentencePiece model (trained unless it exists) and each split's tokenized store.
@@ -280,45 +319,52 @@ def prepare(cfg: Config, workdir: str) -> dict[str, Any]:
   splits = _split_names(cfg)
   task = tasks.get(cfg.data.task)
   builder = task.make_builder(cfg.data, data_dir)
-  tfds_done = builder.is_prepared()
+  # Who made each part: this process ('now'), another one that it waited for, or none.
+  uses_tfds = any(task.is_stored(split) for split in splits)  # not only directory splits
+  made = {"tfds": _made(builder.is_prepared() or not uses_tfds,
+                        uses_tfds and _chief_first(lambda: datasets.prepare(builder)))}
   examples = {}
   for split in splits:
     examples[split] = _chief_first(lambda split=split: task.get_split(cfg.data, split, data_dir))
-  vocab_done = os.path.exists(vocab_path)
-  if not vocab_done and jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(vocab_path)), exist_ok=True)
-  tok = _chief_first(lambda: tokenizer_lib.load_or_train(
+  vocab_there = os.path.exists(vocab_path)
+  made["vocab"] = _made(vocab_there, _chief_first(lambda: tokenizer_lib.train_unless_present(
       vocab_path, lambda: examples[cfg.data.train_split].sentences(), cfg.model.vocab_size,
       model_type=cfg.data.spm_model_type, character_coverage=cfg.data.spm_character_coverage,
       max_sentences=cfg.data.spm_max_sentences, seed=cfg.train.seed,
-      split_by_unicode_script=cfg.data.spm_split_by_unicode_script))
+      split_by_unicode_script=cfg.data.spm_split_by_unicode_script)))
+  tok = tokenizer_lib.Tokenizer.load(vocab_path)
   report: dict[str, Any] = {
-      "tfds_data_dir": os.path.abspath(data_dir), "tfds_prepared_now": not tfds_done,
-      "vocab_path": os.path.abspath(vocab_path), "vocab_trained_now": not vocab_done,
+      "tfds_data_dir": os.path.abspath(data_dir), "tfds_prepared_now": made["tfds"] == _NOW,
+      "vocab_path": os.path.abspath(vocab_path), "vocab_trained_now": made["vocab"] == _NOW,
       "vocab_size": tok.vocab_size, "vocab_sha256": tok.fingerprint(), "stores": []}
   for split in splits:
     if not task.is_stored(split):
       continue  # read and tokenized when used (see _tokenize)
+    there = store.existing(examples[split], tok, _store_root(cfg, workdir),
+                           os.path.join(workdir, "tokenized")) is not None
     _, directory, meta, built = _open_store(cfg, workdir, split, tok)
     store.StoredSplit(directory)  # every process can read it
     report["stores"].append({"split": split, "path": directory, "built_now": built,
+                             "made": _made(there, built),
                              "rows": meta["rows"], "source_tokens": meta["source_tokens"],
                              "target_tokens": meta["target_tokens"],
                              "bytes": sum(meta["file_bytes"].values())})
   report["seconds"] = round(time.time() - t0, 3)
   report["did_nothing"] = not (report["tfds_prepared_now"] or report["vocab_trained_now"]
                                or any(x["built_now"] for x in report["stores"]))
+  waited = _OTHER in [made["tfds"], made["vocab"]] + [x["made"] for x in report["stores"]]
   if jax.process_index() == 0:
-    now = lambda b: "now" if b else "already there"
     rows = ", ".join(f"{split} {len(examples[split])}" for split in splits)
-    print(f"tfds: {report['tfds_data_dir']} ({now(not tfds_done)}): {rows} examples,"
+    print(f"tfds: {report['tfds_data_dir']} ({_say(made['tfds'], 'prepared')}): {rows} examples,"
           f" {_dir_bytes(builder.data_dir)} bytes")  # this dataset's prepared files only
-    print(f"vocabulary: {report['vocab_path']} ({'trained now' if not vocab_done else 'already there'}):"
+    print(f"vocabulary: {report['vocab_path']} ({_say(made['vocab'], 'trained')}):"
           f" {tok.vocab_size} pieces, sha256 {tok.fingerprint()[:16]}")
     for x in report["stores"]:
-      print(f"tokenized {x['split']}: {x['path']} ({now(x['built_now'])}): {x['rows']} rows,"
-            f" {x['source_tokens']} + {x['target_tokens']} tokens, {x['bytes']} bytes")
-    if report["did_nothing"]:
+      print(f"tokenized {x['split']}: {x['path']} ({_say(x['made'], 'built')}): {x['rows']}"
+            f" rows, {x['source_tokens']} + {x['target_tokens']} tokens, {x['bytes']} bytes")
+    if report["did_nothing"] and waited:
+      print("prepare: nothing to do, another process prepared what was missing")
+    elif report["did_nothing"]:
       print("prepare: nothing to do, everything was already prepared")
     else:
       print(f"prepare: done in {report['seconds']:.1f} s; train with the same --tfds_data_dir"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import importlib
 import os
@@ -24,6 +23,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from transformer import io_utils
 from transformer.config import DataConfig
 from transformer.data import records
 from transformer.data import tfds_compat
@@ -398,7 +398,17 @@ def parse_parallel_text_splits(spec: str, base_dir: Optional[str] = None
 
 
 def make_builder(data_cfg: DataConfig, data_dir: str) -> tfds.core.DatasetBuilder:
-  """The TFDS builder for `data_cfg.dataset` writing array_record to `data_dir`."""
+  """The TFDS builder for `data_cfg.dataset` writing array_record to `data_dir`, checked to
+  have the source and target languages (before anything is prepared)."""
+  builder = _make_builder(data_cfg, data_dir)
+  langs = _languages(builder)
+  for lang in (data_cfg.source_lang, data_cfg.target_lang):
+    if lang not in langs:
+      raise DataError(f"{builder.info.full_name} has languages {list(langs)}, not {lang!r}")
+  return builder
+
+
+def _make_builder(data_cfg: DataConfig, data_dir: str) -> tfds.core.DatasetBuilder:
   name = data_cfg.dataset
   if name == "multi30k":
     raw = data_cfg.raw_data_dir
@@ -433,8 +443,8 @@ def _languages(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
   return tuple(langs)
 
 
-def prepare(builder: tfds.core.DatasetBuilder) -> None:
-  """Prepares array_record files unless they already exist.
+def prepare(builder: tfds.core.DatasetBuilder) -> bool:
+  """Prepares array_record files unless they already exist; True if this call prepared them.
 
   Runs without TensorFlow (see `tfds_compat`); TFDS's WMT builders read their
   text files line by line (see `wmt_streaming`). A builder of local files
@@ -451,7 +461,7 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
     FileNotFoundError, ValueError: bad local raw files.
   """
   if builder.is_prepared():
-    return
+    return False
   local = getattr(builder, "reads_local_files", False)
   if local:
     builder.check_raw_files()
@@ -459,8 +469,9 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
     if builder.is_prepared():  # another process prepared it while this one waited
       builder.info.read_from_directory(builder.data_dir)
       logging.info("%s was prepared by another process", builder.info.full_name)
-      return
+      return False
     _download_and_prepare(builder, local)
+  return True
 
 
 @contextlib.contextmanager
@@ -475,9 +486,7 @@ def _preparing(builder: tfds.core.DatasetBuilder) -> Iterator[None]:
   if "://" in root:
     yield
     return
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, f".{builder.name}.prepare.lock"), "a", encoding="utf-8") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
+  with io_utils.exclusive_lock(os.path.join(root, f".{builder.name}.prepare.lock")):
     yield
 
 
@@ -499,19 +508,17 @@ def _download_and_prepare(builder: tfds.core.DatasetBuilder, local: bool) -> Non
 
 
 def open_split(data_dir: str, split: str,
-               make_builder: Callable[[str], tfds.core.DatasetBuilder],
-               check: Callable[[tfds.core.DatasetBuilder], None] = lambda builder: None):
+               make_builder: Callable[[str], tfds.core.DatasetBuilder]):
   """(builder, data source, canonical split name) of `split` of a TFDS dataset.
 
-  The one path of every TFDS-backed split: the builder for `data_dir`, checked
-  by `check` before anything is written, prepared there on first use
+  The one path of every TFDS-backed split: the builder for `data_dir` (which
+  checks what it can before anything is written), prepared there on first use
   (`prepare`), and `split` ('train', 'val', 'train[:1000]', ...) checked to
   exist in it.
   """
   if not data_dir:
     raise DataError("A TFDS data dir is required (--tfds_data_dir)")
   builder = make_builder(data_dir)
-  check(builder)
   prepare(builder)
   tfds_split = canonical_split(split)
   base = tfds_split.split("[")[0]
@@ -532,15 +539,7 @@ def get_split(data_cfg: DataConfig, split: str, data_dir: str) -> ParallelSplit:
     data_dir: TFDS data dir; the dataset is prepared there on first use.
   """
   src, tgt = data_cfg.source_lang, data_cfg.target_lang
-  def check_languages(builder: tfds.core.DatasetBuilder) -> None:
-    langs = _languages(builder)
-    for lang in (src, tgt):
-      if lang not in langs:
-        raise DataError(f"{builder.info.full_name} has languages {list(langs)},"
-                        f" not {lang!r}")
-
-  builder, source, tfds_split = open_split(
-      data_dir, split, lambda d: make_builder(data_cfg, d), check_languages)
+  builder, source, tfds_split = open_split(data_dir, split, lambda d: make_builder(data_cfg, d))
   has_id = "id" in builder.info.features.keys()
   ordered = bool(builder.info.disable_shuffling) and has_id
   logging.info("%s %s: %d examples, %s -> %s", builder.info.full_name,

@@ -26,6 +26,7 @@ batches (and the OS page cache shares them between processes on one host).
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import errno
 import hashlib
 import json
@@ -33,6 +34,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -40,6 +42,7 @@ from typing import Any, Callable, Optional, Sequence
 from absl import logging
 import numpy as np
 
+from transformer import io_utils
 from transformer.data import pipeline
 from transformer.data.errors import describe_failure
 
@@ -195,7 +198,24 @@ def _encode_rows(examples, tokenizer, start: int, stop: int, dtype: np.dtype,
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(opener: Callable[[], Sequence], tokenizer) -> None:
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent_pid: int) -> None:
+  """Ends this worker when the process that started it ends, however it ends (SIGKILL too):
+  a worker must not outlive its builder (Linux: the kernel's parent-death signal)."""
+  try:
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+  except (OSError, AttributeError):  # not Linux: no parent-death signal
+    return
+  if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    logging.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+  if os.getppid() != parent_pid:  # the builder ended before the signal was set
+    os._exit(1)  # pylint: disable=protected-access
+
+
+def _worker_init(opener: Callable[[], Sequence], tokenizer, parent_pid: int) -> None:
+  _die_with_parent(parent_pid)
   _WORKER["examples"] = opener()
   _WORKER["tokenizer"] = tokenizer
 
@@ -233,7 +253,7 @@ def build(examples: Sequence[dict[str, Any]], tokenizer, directory: str,
     key_: `key(...)` of this store, saved in meta.json.
     workers: processes encoding row ranges in parallel (each reads its own rows; ranges of
       ceil(rows / workers) rows, within [_MIN_TASK_ROWS, _TASK_ROWS]); 1 encodes here with
-      SentencePiece's threads.
+      SentencePiece's threads. A worker ends when this process ends, however it ends.
     opener: picklable () -> examples for the worker processes (needed when workers > 1).
 
   Returns:
@@ -256,7 +276,7 @@ def build(examples: Sequence[dict[str, Any]], tokenizer, directory: str,
       ctx = multiprocessing.get_context("spawn")  # no fork of a process running JAX threads
       with concurrent.futures.ProcessPoolExecutor(
           max_workers=processes, mp_context=ctx,
-          initializer=_worker_init, initargs=(opener, tokenizer)) as pool:
+          initializer=_worker_init, initargs=(opener, tokenizer, os.getpid())) as pool:
         futures = [pool.submit(_worker_task, a, b, dtype.str, os.path.join(tmp, f"part{i:06d}"))
                    for i, (a, b) in enumerate(ranges)]
         try:
@@ -345,6 +365,44 @@ def _fsync(path: str) -> None:
     os.close(fd)
 
 
+def _matching_meta(directory: str, want: dict[str, Any]) -> Optional[dict[str, Any]]:
+  """meta.json of the complete store at `directory` (None if there is none); a store of
+  another key there is a StoreError."""
+  meta = _read_meta(directory)
+  if meta is not None:
+    got = {k: meta.get(k) for k in want}
+    if got != want:
+      raise StoreError(f"tokenized store {directory} was built for {got}, not {want};"
+                       " move it away to rebuild")
+  return meta
+
+
+def _describe(examples, tokenizer) -> tuple[str, str, str, str, dict[str, Any]]:
+  """(name, source lang, target lang, vocabulary sha256, key) of the store of `examples`."""
+  name = getattr(examples, "name", "")
+  src = getattr(examples, "source_lang", "source")
+  tgt = getattr(examples, "target_lang", "target")
+  fp = tokenizer.fingerprint()
+  return name, src, tgt, fp, key(name, src, tgt, fp, len(examples))
+
+
+def _roots(root: str, fallback_root: Optional[str]) -> list[str]:
+  return [root] + ([fallback_root] if fallback_root and fallback_root != root else [])
+
+
+def existing(examples: Sequence[dict[str, Any]], tokenizer, root: str,
+             fallback_root: Optional[str] = None) -> Optional[tuple[str, dict[str, Any]]]:
+  """(directory, meta) of the complete store of `examples` under `root`, else under
+  `fallback_root`; None if neither has one (see `open_or_build`)."""
+  name, src, tgt, fp, want = _describe(examples, tokenizer)
+  for r in _roots(root, fallback_root):
+    directory = store_dir(r, name, src, tgt, fp)
+    meta = _matching_meta(directory, want)
+    if meta is not None:
+      return directory, meta
+  return None
+
+
 def open_or_build(examples: Sequence[dict[str, Any]], tokenizer, root: str,
                   workers: int = 1, opener: Optional[Callable[[], Sequence]] = None,
                   fallback_root: Optional[str] = None,
@@ -355,24 +413,16 @@ def open_or_build(examples: Sequence[dict[str, Any]], tokenizer, root: str,
   complete store under `root`, else under `fallback_root`, is opened; a missing one is built
   under `root`, or under `fallback_root` when `root` is read-only (e.g. shared data mounted
   read-only on the training nodes). With `may_build=False` (a process other than the one
-  that builds) a missing store is a `StoreError`. A disk failure while building (full disk,
+  that builds) a missing store is a `StoreError`. Processes sharing `root` build a store
+  once: the first holds '.<store directory name>.lock' next to it while building, the others
+  wait and then open it (and return False). A disk failure while building (full disk,
   file-size limit, I/O error) is a one-line `StoreError`.
   """
-  name = getattr(examples, "name", "")
-  src = getattr(examples, "source_lang", "source")
-  tgt = getattr(examples, "target_lang", "target")
-  fp = tokenizer.fingerprint()
-  want = key(name, src, tgt, fp, len(examples))
-  roots = [root] + ([fallback_root] if fallback_root and fallback_root != root else [])
-  for r in roots:
-    directory = store_dir(r, name, src, tgt, fp)
-    meta = _read_meta(directory)
-    if meta is not None:
-      got = {k: meta.get(k) for k in want}
-      if got != want:
-        raise StoreError(f"tokenized store {directory} was built for {got}, not {want};"
-                         " move it away to rebuild")
-      return directory, meta, False
+  found = existing(examples, tokenizer, root, fallback_root)
+  if found is not None:
+    return found + (False,)
+  name, src, tgt, fp, want = _describe(examples, tokenizer)
+  roots = _roots(root, fallback_root)
   if not may_build:
     raise StoreError(f"{store_dir(root, name, src, tgt, fp)}: not visible after process 0 built"
                      " it (every process needs the same --tfds_data_dir, on a shared"
@@ -380,7 +430,13 @@ def open_or_build(examples: Sequence[dict[str, Any]], tokenizer, root: str,
   for i, r in enumerate(roots):
     directory = store_dir(r, name, src, tgt, fp)
     try:
-      return directory, build(examples, tokenizer, directory, want, workers, opener), True
+      lock = os.path.join(os.path.dirname(directory), f".{os.path.basename(directory)}.lock")
+      with io_utils.exclusive_lock(lock):  # builders of the same store wait for the first
+        meta = _matching_meta(directory, want)
+        if meta is not None:
+          logging.info("tokenized store %s was built by another process meanwhile", directory)
+          return directory, meta, False
+        return directory, build(examples, tokenizer, directory, want, workers, opener), True
     except OSError as e:
       if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
         raise StoreError(f"building {directory} failed: {describe_failure(e)}") from e

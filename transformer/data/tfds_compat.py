@@ -15,6 +15,13 @@ its modules still call TensorFlow through a lazy `tf` module attribute:
 Without TensorFlow each of these raises `ModuleNotFoundError` (extraction of
 any archive, and every split over 1000 MiB, e.g. WMT14 En-De train).
 
+The extractor also reads tar archives with Python's `tarfile`, which ends the
+iteration silently at a damaged header in the middle of an archive; TFDS then
+renames the partial extraction into place and reuses it on every later run.
+Within the block its tar archives are read by `CompleteTarFile`, which raises
+unless the archive ends with its end-of-archive marker, so only a complete
+extraction is renamed into place (a failed one is done again by the next run).
+
 `without_tensorflow()` replaces that `tf` attribute of those modules, for the
 duration of the block only, by `TF_SUBSET`: the same calls implemented with
 Python files on local paths. Before patching it reads each module's source and
@@ -32,6 +39,7 @@ import importlib
 import inspect
 import os
 import shutil
+import tarfile
 import threading
 import types
 from typing import Any, Callable, Iterator
@@ -148,6 +156,47 @@ TF_SUBSET = types.SimpleNamespace(
 )
 
 
+class _StopRecordingTarInfo(tarfile.TarInfo):
+  """A TarInfo that records on its TarFile the header error where reading stopped."""
+
+  @classmethod
+  def fromtarfile(cls, tarfile_):
+    try:
+      return super().fromtarfile(tarfile_)
+    except tarfile.HeaderError as e:  # includes EOFHeaderError: the end-of-archive marker
+      tarfile_.stopped_at = e
+      raise
+
+
+class CompleteTarFile(tarfile.TarFile):
+  """A TarFile whose iteration ends only at the end-of-archive marker.
+
+  `tarfile.TarFile.next` returns None (the end) at a damaged header or at the end of a
+  truncated archive alike; here those raise `tarfile.ReadError`.
+  """
+
+  tarinfo = _StopRecordingTarInfo
+  stopped_at = None
+
+  def next(self):
+    info = super().next()
+    if info is None and not isinstance(self.stopped_at, tarfile.EOFHeaderError):
+      raise tarfile.ReadError(
+          f"the tar archive is damaged or truncated after {self.offset} bytes"
+          f" ({self.stopped_at or 'no end-of-archive marker'}); members read before it:"
+          f" {len(self.members)}")
+    return info
+
+
+class _TarfileModule:
+  """The `tarfile` module with `open` returning a `CompleteTarFile`."""
+
+  open = staticmethod(CompleteTarFile.open)
+
+  def __getattr__(self, name):
+    return getattr(tarfile, name)
+
+
 def _provides(name: str) -> bool:
   obj = TF_SUBSET
   for part in name.split("."):
@@ -183,6 +232,8 @@ def check_modules() -> list[types.ModuleType]:
           " not supported without TensorFlow")
     if not hasattr(module, "tf"):
       raise UnsupportedTfdsError(f"{module.__name__} has no `tf` attribute to replace")
+    if module.__name__.endswith(".extractor") and getattr(module, "tarfile", None) is not tarfile:
+      raise UnsupportedTfdsError(f"{module.__name__} has no `tarfile` attribute to replace")
   return modules
 
 
@@ -222,6 +273,9 @@ def _use_tf_subset() -> list[tuple[types.ModuleType, str, Any]]:
   for module in check_modules():
     saved.append((module, "tf", module.tf))
     module.tf = TF_SUBSET
+    if getattr(module, "tarfile", None) is tarfile:  # the extractor
+      saved.append((module, "tarfile", tarfile))
+      module.tarfile = _TarfileModule()
   return saved
 
 
@@ -229,7 +283,8 @@ _without_tensorflow = ReentrantPatch(_use_tf_subset)
 
 
 def without_tensorflow() -> contextlib.AbstractContextManager[None]:
-  """Within the block, TFDS's extractor, shuffler and downloader use `TF_SUBSET`.
+  """Within the block, TFDS's extractor, shuffler and downloader use `TF_SUBSET`,
+  and the extractor reads tar archives with `CompleteTarFile`.
 
   Re-entrant; the original attributes are restored when the outermost block
   exits (also on error).

@@ -18,7 +18,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from transformer.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from transformer.io_utils import atomic_write
+from transformer.io_utils import atomic_write, exclusive_lock
 
 
 def _sample_sentences(sentences: Iterable[str], max_sentences: int,
@@ -177,19 +177,36 @@ class Tokenizer:
     return self._sp.id_to_piece(i)
 
 
+def train_unless_present(path: str, sentences_fn: Callable[[], Iterable[str]],
+                         vocab_size: int, model_type: str = "bpe",
+                         character_coverage: float = 1.0,
+                         max_sentences: int = 1_000_000, seed: int = 0,
+                         split_by_unicode_script: bool = True) -> bool:
+  """Trains `path` from `sentences_fn()` unless it exists; True if this call trained it.
+
+  Processes sharing the directory train it once: the first holds the lock
+  '<dir>/.<name>.lock' while training, the others wait and then find the model.
+  """
+  if os.path.exists(path):
+    return False
+  lock = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.lock")
+  with exclusive_lock(lock):
+    if os.path.exists(path):
+      logging.info("SentencePiece: %s was trained by another process meanwhile", path)
+      return False
+    logging.info("SentencePiece: %s not found, training (vocab %d).", path, vocab_size)
+    train_sentencepiece(sentences_fn(), path, vocab_size, model_type=model_type,
+                        character_coverage=character_coverage,
+                        max_sentences=max_sentences, seed=seed,
+                        split_by_unicode_script=split_by_unicode_script)
+  return True
+
+
 def load_or_train(path: str, sentences_fn: Callable[[], Iterable[str]],
-                  vocab_size: int, model_type: str = "bpe",
-                  character_coverage: float = 1.0,
-                  max_sentences: int = 1_000_000, seed: int = 0,
-                  split_by_unicode_script: bool = True) -> Tokenizer:
-  """Loads `path` if it exists, else trains it from `sentences_fn()`."""
+                  vocab_size: int, **train_kwargs) -> Tokenizer:
+  """Loads `path`, trained first from `sentences_fn()` if it does not exist
+  (`train_unless_present`; `train_kwargs` are its options)."""
   if os.path.exists(path):
     logging.info("SentencePiece: loading %s", path)
-    return Tokenizer.load(path)
-  logging.info("SentencePiece: %s not found, training (vocab %d).",
-               path, vocab_size)
-  train_sentencepiece(sentences_fn(), path, vocab_size, model_type=model_type,
-                      character_coverage=character_coverage,
-                      max_sentences=max_sentences, seed=seed,
-                      split_by_unicode_script=split_by_unicode_script)
+  train_unless_present(path, sentences_fn, vocab_size, **train_kwargs)
   return Tokenizer.load(path)

@@ -19,7 +19,9 @@ import gzip
 import importlib
 import inspect
 import os
+import re
 from typing import Iterator
+import zlib
 
 from transformer.data import tfds_compat
 
@@ -40,16 +42,45 @@ def _lang(path: str) -> str:
   return parts[-2] if parts[-1] == "gz" else parts[-1]
 
 
+class DamagedFileError(ValueError):
+  """A gzipped text file that cannot be decompressed to its end (names it)."""
+
+
+# TFDS extracts an archive to '<download dir>/extracted/<METHOD>.<archive file name>/'.
+_EXTRACTED = re.compile(r"[A-Z][A-Z0-9_]*\.(.+)")
+
+
+def describe_path(path: str) -> str:
+  """'member <m> of the archive <a> (<path>)' for a file TFDS extracted, else the path."""
+  parent = os.path.dirname(os.path.abspath(path))
+  while os.path.dirname(parent) != parent:
+    m = _EXTRACTED.fullmatch(os.path.basename(parent))
+    if m and os.path.basename(os.path.dirname(parent)) == "extracted":
+      member = os.path.relpath(os.path.abspath(path), parent)
+      return f"member {member} of the archive {m.group(1)} ({path})"
+    parent = os.path.dirname(parent)
+  return path
+
+
 def iter_segments(path: str) -> Iterator[str]:
   """The file's text split on '\\n' only, as `text.split('\\n')` would give it.
 
   So a file ending with '\\n' ends with an empty segment, like TFDS's lists.
-  Raises UnicodeDecodeError on invalid UTF-8, as TFDS does.
+  Raises UnicodeDecodeError on invalid UTF-8, as TFDS does, and DamagedFileError
+  naming the file (and the archive it came from) on a truncated or corrupt `.gz`.
   """
   with open(path, "rb") as raw:
     f = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
     ends_with_newline = True  # an empty file is one empty segment
-    for line in f:  # binary iteration splits on b'\n' only
+    lines = iter(f)  # binary iteration splits on b'\n' only
+    while True:
+      try:
+        line = next(lines, None)
+      except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DamagedFileError(f"{describe_path(path)} is damaged:"
+                               f" {type(e).__name__}: {e}") from None
+      if line is None:
+        break
       ends_with_newline = line.endswith(b"\n")
       yield (line[:-1] if ends_with_newline else line).decode("utf-8")
     if ends_with_newline:
