@@ -289,3 +289,31 @@ def test_confirm_seeds_picks_the_winner_by_the_mean(tmp_path):
   assert "--seed=2" in seed_flags
   r = _run(["report", str(root)])
   assert r.returncode == 0 and "**Winner**: trial" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_real_tiny_search_with_two_workers(tmp_path, multi30k_dir):
+  """transformer.main trains the trials (a 1+1-layer model, 10 steps, dev nll at 5 and 10)."""
+  tiny = json.loads(open(os.path.join(REPO, "experiments", "sweeps", "tiny_dropout.json")).read())
+  flags = dict(tiny["flags"], eval_every_steps=5, checkpoint_every_steps=5)
+  spec = _spec(tmp_path, flags=flags, budget={"trials": 2},
+               space={"dropout_rate": {"type": "float", "low": 0.0, "high": 0.3}})
+  root = tmp_path / "r"
+  r = _run([spec, f"--root={root}", "--workers=2", f"--raw_data_dir={multi30k_dir}"],
+           timeout=900)
+  logs = "".join(p.read_text()[-2000:] for p in root.glob("*/*.log"))
+  assert r.returncode == 0, r.stdout + r.stderr + logs
+  trials = _study(root).get_trials()
+  assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+  from transformer import config  # pylint: disable=g-import-not-at-top
+  for t in trials:
+    workdir = root / t.user_attrs["run"]
+    evals = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [5, 10]
+    assert t.value == evals[-1]["nll"] and t.intermediate_values == {5: evals[0]["nll"],
+                                                                     10: evals[1]["nll"]}
+    assert (workdir / "checkpoints" / "10").is_dir()
+    lines = (workdir / "flags.txt").read_text().splitlines()
+    assert lines[-1] == f"--workdir={workdir}"  # a flag file of transformer.main
+    cfg = config.from_args([l for l in lines[:-1] if not l.startswith("#")], cwd=REPO)
+    assert cfg.model.dropout_rate == t.params["dropout_rate"] and cfg.train.num_train_steps == 10
