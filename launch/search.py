@@ -20,7 +20,8 @@ A spec is JSON (see experiments/sweeps/*search*.json):
               "if": {"attention_dropout": [0.1]}}                # conditional on earlier values
     },
     "objective": {"metric": "bleu", "direction": "maximize"},   # a key of metrics.jsonl 'eval'
-    "budget": {"trials": 40, "minutes": 600},                   # either or both
+    "budget": {"trials": 40, "minutes": 600},   # either or both: trials finished, pruned or
+                                                # running; minutes of each worker, per start
     "sampler": {"name": "tpe", "seed": 0},                       # tpe | random
     "pruner": {"name": "median", "n_warmup_steps": 1000},        # median | successive_halving
                                                                  # | hyperband | none (+ kwargs)
@@ -36,7 +37,8 @@ continue it. The trial's value is its last dev evaluation.
 
 The study lives in R/study.journal (Optuna's journal storage: append-only text, one lock file
 made with O_CREAT|O_EXCL, safe for local processes and NFSv3+), or in --storage=URL (an RDB).
-Rerunning the command continues the study. A RUNNING trial whose worker died (its pid is gone
+Rerunning the command continues the study. SIGTERM to the command (or a worker) stops each
+running trial through SIGTERM (a checkpoint) and queues it again. A RUNNING trial whose worker died (its pid is gone
 on this host, or, from another host, its heartbeat file in R/workers/ is older than
 HEARTBEAT_STALE_S) is marked FAIL and enqueued again with the same parameters and run
 directory, so its training resumes from its checkpoint; it is never counted twice.
@@ -77,6 +79,7 @@ JOURNAL = "study.journal"
 HEARTBEAT_S = 20.0
 HEARTBEAT_STALE_S = 120.0
 POLL_S = 0.5
+STOPPED = 128 + signal.SIGTERM  # a worker's exit status after SIGTERM
 # Keys of a dev evaluation record (metrics.jsonl, kind 'eval'): always, and with
 # --eval_bleu_sentences > 0 per task.
 _EVAL_ALWAYS = ("nll", "perplexity")
@@ -340,17 +343,25 @@ def recover_dead_trials(study, root: str, say) -> list[int]:
       continue
     if "pid" not in t.user_attrs and time.time() - t.datetime_start.timestamp() < HEARTBEAT_STALE_S:
       continue  # just asked for; its worker has not written its attributes yet
-    try:
-      study._storage.set_trial_state_values(  # pylint: disable=protected-access
-          t._trial_id, optuna.trial.TrialState.FAIL)  # pylint: disable=protected-access
-    except optuna.exceptions.UpdateFinishedTrialError:
+    if not requeue(study, t):
       continue
-    study.enqueue_trial(t.params, user_attrs={"retry_of": t.number,
-                                              "run": t.user_attrs.get("run")})
     say(f"trial {t.number}: its worker {t.user_attrs.get('host')}:{t.user_attrs.get('pid')}"
         " is gone; marked failed and queued again")
     recovered.append(t.number)
   return recovered
+
+
+def requeue(study, t) -> bool:
+  """Marks a running trial FAIL and enqueues it again (same params and run); False where it
+  had finished already (another worker got there first)."""
+  optuna = _optuna()
+  try:
+    study._storage.set_trial_state_values(  # pylint: disable=protected-access
+        t._trial_id, optuna.trial.TrialState.FAIL)  # pylint: disable=protected-access
+  except optuna.exceptions.UpdateFinishedTrialError:
+    return False
+  study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "run": t.user_attrs.get("run")})
+  return True
 
 
 def sample(trial, space: dict) -> dict[str, Any]:
@@ -390,6 +401,7 @@ class TrialRunner(sweep.Runner):
     self.metric = spec["objective"]["metric"]
     self.trial = None
     self.pruned_at: Optional[int] = None
+    self.stop = threading.Event()  # SIGTERM to the worker: stop the run, retry it later
 
   def say(self, message: str) -> None:
     with self._lock:
@@ -416,14 +428,15 @@ class TrialRunner(sweep.Runner):
           return None
       if rc is not None:
         return rc
+      if self.stop.is_set():
+        proc.send_signal(signal.SIGTERM)  # the run saves a checkpoint and exits
+        proc.wait()
+        return None
       time.sleep(POLL_S)
 
   def run_trial(self, study, trial, spec: dict) -> None:
     """Runs one asked trial to its end and tells the study (COMPLETE, PRUNED or FAIL)."""
     optuna = _optuna()
-    trial.set_user_attr("host", socket.gethostname())
-    trial.set_user_attr("pid", os.getpid())
-    trial.set_user_attr("pid_start", _pid_start(os.getpid()))
     params = sample(trial, spec["space"])
     name = trial.user_attrs.get("run") or f"trial_{trial.number:04d}"
     trial.set_user_attr("run", name)
@@ -436,7 +449,10 @@ class TrialRunner(sweep.Runner):
     finally:
       self.trial = None
     values = eval_values(os.path.join(self.root, name), self.metric)
-    if self.pruned_at is not None:
+    if self.stop.is_set() and not ok and self.pruned_at is None:
+      requeue(study, trial)
+      state = "stopped by SIGTERM; queued again, to continue from its checkpoint"
+    elif self.pruned_at is not None:
       study.tell(trial, state=optuna.trial.TrialState.PRUNED)
       state = f"PRUNED at step {self.pruned_at}"
     elif ok and values:
@@ -473,17 +489,21 @@ def run_worker(spec_path: str, spec: dict, root: str, url: str, extra: list[str]
   deadline = time.time() + 60 * budget["minutes"] if "minutes" in budget else math.inf
   # Counting and asking happen under one lock, so N workers never start more than the budget.
   ask_lock = journal.JournalFileOpenLock(os.path.join(root, "search.ask"))
+  signal.signal(signal.SIGTERM, lambda signum, frame: runner.stop.set())
   with Heartbeat(root):
-    while time.time() < deadline:
+    while time.time() < deadline and not runner.stop.is_set():
       with _held(ask_lock):
         recover_dead_trials(study, root, runner.say)
-        if "trials" in budget and _count(study, (TS.COMPLETE, TS.PRUNED, TS.RUNNING)) >= budget["trials"]:
+        if ("trials" in budget and _count(study, (TS.COMPLETE, TS.PRUNED, TS.RUNNING))
+            >= budget["trials"]):
           break
         trial = study.ask()
-        trial.set_user_attr("pid", os.getpid())  # before the lock goes: not taken for dead
+        # Who runs it, written before the lock is released (so it is not taken for dead).
         trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("pid_start", _pid_start(os.getpid()))
       runner.run_trial(study, trial, spec)
-  return 0
+  return STOPPED if runner.stop.is_set() else 0
 
 
 # ----------------------------------------------------------------------------
@@ -762,6 +782,9 @@ def main(argv: Optional[list[str]] = None) -> int:
           *extra]
   print(f"[search] study {study.study_name} in {url}: {args.workers} workers", flush=True)
   rc = _spawn_workers(base, cpu_sets, args.workers)
+  if rc == STOPPED:
+    print("error: search stopped by SIGTERM; run the same command to continue", file=sys.stderr)
+    return STOPPED
   if rc != 0:
     print(f"error: search: a worker exited with status {rc}", file=sys.stderr)
     return 1

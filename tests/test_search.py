@@ -179,7 +179,8 @@ def test_a_bad_trial_is_pruned_and_its_process_stops(tmp_path):
   assert status["steps"] == {} and "train" in status["interrupted_seconds"]
 
 
-def test_kill_9_of_a_worker_then_resume_loses_and_doubles_nothing(tmp_path):
+@pytest.mark.parametrize("how", ["kill -9 the worker", "SIGTERM the search"])
+def test_a_stopped_worker_then_resume_loses_and_doubles_nothing(tmp_path, how):
   root = tmp_path / "r"
   spec = _spec(tmp_path, budget={"trials": 2}, flags={"num_train_steps": 6})
   cmd = [sys.executable, "-m", "launch.search", spec, f"--root={root}",
@@ -192,19 +193,26 @@ def test_kill_9_of_a_worker_then_resume_loses_and_doubles_nothing(tmp_path):
     time.sleep(0.1)
   start = (root / "trial_0000" / "fake.log").read_text().split()
   train_pid, worker_pid = int(start[1]), int(start[2])
-  os.kill(worker_pid, 9)  # the worker, not the launcher
-  assert proc.wait(timeout=30) == 1
+  if how == "kill -9 the worker":
+    os.kill(worker_pid, 9)  # the worker, not the launcher
+    assert proc.wait(timeout=30) == 1
+  else:  # the launcher passes it on; the worker stops its run through SIGTERM
+    os.kill(proc.pid, 15)
+    assert proc.wait(timeout=30) == search.STOPPED
+    assert (root / "trial_0000" / "fake.log").read_text().splitlines()[-1] == f"sigterm {train_pid}"
   deadline = time.time() + 10
   while _alive(train_pid) and time.time() < deadline:
     time.sleep(0.1)
   assert not _alive(train_pid), "the killed worker's training kept running"
   steps_before = len(metrics.read_text().splitlines())
   assert 2 <= steps_before < 6
-  assert [t.state.name for t in _study(root).get_trials()] == ["RUNNING"]
+  states = [t.state.name for t in _study(root).get_trials()]
+  assert states == (["RUNNING"] if how == "kill -9 the worker" else ["FAIL", "WAITING"])
 
   r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stdout + r.stderr
-  assert "trial 0: its worker" in r.stdout and "marked failed and queued again" in r.stdout
+  if how == "kill -9 the worker":  # found dead on the next start
+    assert "trial 0: its worker" in r.stdout and "marked failed and queued again" in r.stdout
   trials = _study(root).get_trials()
   assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
   # The retry is trial 0 again: same parameters, same run directory, resumed from its evals.
