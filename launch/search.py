@@ -2,7 +2,7 @@ r"""Hyperparameter search (Optuna): sampled trials that are sweep runs, pruned a
 
   python -m launch.search SPEC.json --root=R [--workers=N [--cpus_per_run=K]] [--storage=URL]
                           [--slurm] [--confirm_seeds=S [--confirm_top_k=K]] [extra --flags...]
-  python -m launch.search report R [--out=R/report]
+  python -m launch.search report R [--out=R/report] [--storage=URL]
 
 A spec is JSON (see experiments/sweeps/*search*.json):
 
@@ -218,6 +218,26 @@ def storage_url(args, root: str) -> str:
   return args.storage or os.path.join(root, JOURNAL)
 
 
+def _shown(url: str) -> str:
+  """The storage URL without its password (search.json may be committed)."""
+  if "://" not in url:
+    return url
+  import sqlalchemy  # pylint: disable=g-import-not-at-top
+  return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def writable(directory: str, what: str) -> None:
+  """Makes `directory` if missing and checks that a file can be made in it."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f".probe.{os.getpid()}")
+    with open(probe, "w", encoding="utf-8"):
+      pass
+    os.unlink(probe)
+  except OSError as e:
+    raise SpecError(f"{what} cannot be written: {e.strerror or e}") from None
+
+
 def open_storage(url: str):
   """The study storage: an RDB URL, else a journal file (made if missing)."""
   optuna = _optuna()
@@ -228,14 +248,10 @@ def open_storage(url: str):
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
       raise SpecError(f"--storage={url}: {str(e).splitlines()[0]}") from None
   from optuna.storages import journal  # pylint: disable=g-import-not-at-top
+  writable(os.path.dirname(url) or ".", f"storage {url}")  # the lock file is made beside it
   try:
-    os.makedirs(os.path.dirname(url) or ".", exist_ok=True)
     with open(url, "a", encoding="utf-8"):
       pass
-    probe = f"{url}.{os.getpid()}.probe"  # the lock file is made beside the journal
-    with open(probe, "w", encoding="utf-8"):
-      pass
-    os.unlink(probe)
   except OSError as e:
     raise SpecError(f"storage {url} cannot be written: {e.strerror or e}") from None
   return journal.JournalStorage(journal.JournalFileBackend(
@@ -577,9 +593,13 @@ def best_flags_text(root: str, run_name: str, note: str) -> str:
                     *flags]) + "\n"
 
 
-def report(root: str, out: str) -> int:
+def report(root: str, out: str, storage: Optional[str] = None) -> int:
   with open(os.path.join(root, "search.json"), encoding="utf-8") as f:
     meta = json.load(f)
+  if storage:
+    meta["storage"] = storage
+  elif ":***@" in meta["storage"]:
+    raise SpecError(f"the study is in {meta['storage']}: give --storage=URL with its password")
   optuna = _optuna()
   spec = sweep.load_spec(meta["spec"])
   study = optuna.load_study(study_name=meta["study_name"], storage=open_storage(meta["storage"]))
@@ -711,12 +731,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.search report", allow_abbrev=False)
     parser.add_argument("root")
     parser.add_argument("--out", default=None, help="default ROOT/report")
+    parser.add_argument("--storage", default=None, help="the search's --storage URL")
     args = parser.parse_args(argv[1:])
     root = os.path.abspath(args.root)
     try:
       if not os.path.exists(os.path.join(root, "search.json")):
         raise SpecError(f"{root} holds no search (no search.json)")
-      return report(root, os.path.abspath(args.out or os.path.join(root, "report")))
+      return report(root, os.path.abspath(args.out or os.path.join(root, "report")), args.storage)
     except SpecError as e:
       print(f"error: search report: {e}", file=sys.stderr)
       return 2
@@ -758,6 +779,7 @@ def main(argv: Optional[list[str]] = None) -> int:
       probes = probe_runs(spec, root)
       sweep.validate(probes, extra)
       check_objective(spec, probes[0], extra)
+      writable(root, f"--root={root}")
     study = load_study(args.spec, spec, url)
   except SpecError as e:
     print(f"error: search {args.spec}: {e}", file=sys.stderr)
@@ -766,7 +788,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run_worker(args.spec, spec, root, url, extra, args.python)
   sweep._write_json(os.path.join(root, "search.json"), {  # pylint: disable=protected-access
       "spec": os.path.abspath(args.spec), "description": spec.get("description", ""),
-      "study_name": study.study_name, "storage": url, "extra_flags": extra,
+      "study_name": study.study_name, "storage": _shown(url), "extra_flags": extra,
       "python": args.python})
   if args.slurm:
     path = os.path.join(root, "search.sbatch")

@@ -325,3 +325,16 @@ def test_a_real_tiny_search_with_two_workers(tmp_path, multi30k_dir):
     assert lines[-1] == f"--workdir={workdir}"  # a flag file of transformer.main
     cfg = config.from_args([l for l in lines[:-1] if not l.startswith("#")], cwd=REPO)
     assert cfg.model.dropout_rate == t.params["dropout_rate"] and cfg.train.num_train_steps == 10
+
+
+def test_rdb_storage_url(tmp_path):
+  """--storage=URL (SQLite here; PostgreSQL/MySQL on clusters) holds the study instead of R."""
+  root, db = tmp_path / "r", tmp_path / "study.db"
+  spec = _spec(tmp_path, budget={"trials": 2}, flags={"num_train_steps": 2})
+  r = _run([spec, f"--root={root}", f"--storage=sqlite:///{db}", f"--python={_fake(tmp_path, 0.05)}"])
+  assert r.returncode == 0, r.stdout + r.stderr
+  assert not (root / search.JOURNAL).exists() and db.stat().st_size > 0
+  study = optuna.load_study(study_name="search", storage=f"sqlite:///{db}")
+  assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "COMPLETE"]
+  r = _run(["report", str(root)])
+  assert r.returncode == 0 and (root / "best.flags").exists(), r.stdout + r.stderr
