@@ -56,6 +56,7 @@ import os
 import re
 import queue
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -151,14 +152,12 @@ def _check_overrides(spec: dict, key: str) -> dict[str, list]:
   return table
 
 
-def expand(spec: dict[str, Any], root: str = "ROOT") -> list[dict[str, Any]]:
-  """The runs of a spec, in order: [{'name', 'overrides', 'flags'}] (flags without workdir/mode).
-
-  Checks the spec's shape; does not validate the flags (see `validate`).
-  """
-  unknown = sorted(set(spec) - set(SPEC_KEYS))
+def base_and_common(spec: dict[str, Any], root: str,
+                    keys: tuple[str, ...]) -> tuple[str, list[str]]:
+  """Checks the spec's keys, "base_flagfile" and "flags": (base flag file, --flag=value of flags)."""
+  unknown = sorted(set(spec) - set(keys))
   if unknown:
-    raise SpecError(f"unknown spec key {unknown[0]!r}; known keys: {', '.join(SPEC_KEYS)}")
+    raise SpecError(f"unknown spec key {unknown[0]!r}; known keys: {', '.join(keys)}")
   base = spec.get("base_flagfile")
   if not isinstance(base, str) or not base:
     raise SpecError('"base_flagfile" (a flag file path relative to the repo root) is required')
@@ -167,8 +166,16 @@ def expand(spec: dict[str, Any], root: str = "ROOT") -> list[dict[str, Any]]:
     raise SpecError('"flags" must be an object of flag -> value')
   for flag in common:
     _check_flag_name('"flags"', flag)
-  common_args = [flag_arg(k, v.replace("{root}", root) if isinstance(v, str) else v)
-                 for k, v in common.items()]
+  return base, [flag_arg(k, v.replace("{root}", root) if isinstance(v, str) else v)
+                for k, v in common.items()]
+
+
+def expand(spec: dict[str, Any], root: str = "ROOT") -> list[dict[str, Any]]:
+  """The runs of a spec, in order: [{'name', 'overrides', 'flags'}] (flags without workdir/mode).
+
+  Checks the spec's shape; does not validate the flags (see `validate`).
+  """
+  base, common_args = base_and_common(spec, root, SPEC_KEYS)
   grid = _check_overrides(spec, "grid")
   zipped = _check_overrides(spec, "zip")
   both = sorted(set(grid) & set(zipped))
@@ -340,12 +347,17 @@ def prepare_root(spec_path: str, spec: dict, runs: list[dict], extra: list[str],
       "steps": _steps(spec), "extra_flags": extra, "python": python,
       "runs": [{"name": r["name"], "overrides": r["overrides"]} for r in runs]})
   for run in runs:
-    workdir = os.path.join(root, run["name"])
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "flags.txt"), "w", encoding="utf-8") as f:
-      f.write(_flags_text(run, extra, workdir))
-    _write_json(os.path.join(workdir, "run.json"),
-                {"name": run["name"], "overrides": run["overrides"], "flags": run["flags"] + extra})
+    write_run_files(run, extra, os.path.join(root, run["name"]))
+
+
+def write_run_files(run: dict, extra: list[str], workdir: str, **record: Any) -> None:
+  """Writes workdir/flags.txt (the run's flag file) and workdir/run.json (+ `record`)."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "flags.txt"), "w", encoding="utf-8") as f:
+    f.write(_flags_text(run, extra, workdir))
+  _write_json(os.path.join(workdir, "run.json"), {
+      "name": run["name"], "overrides": run["overrides"], "flags": run["flags"] + extra,
+      **record})
 
 
 def _child_env() -> dict[str, str]:
@@ -361,6 +373,8 @@ def _child_env() -> dict[str, str]:
 
 class Runner:
   """Executes the steps of runs, skipping the steps a run's status.json says are finished."""
+
+  die_with_parent = False  # see start_step
 
   def __init__(self, spec: dict, extra: list[str], root: str, python: str,
                cpu_sets: Optional[list[set[int]]] = None):
@@ -412,12 +426,14 @@ class Runner:
       with open(log, "a", encoding="utf-8") as f:
         f.write("$ " + shlex.join(cmd) + "\n")
         f.flush()
-        # The child is pinned between fork and exec, before it starts any thread.
-        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-        rc = subprocess.call(cmd, cwd=REPO, env=_child_env(), stdout=f, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, preexec_fn=pin)
+        rc = self._wait(start_step(cmd, f, cpus, self.die_with_parent), run, step)
       seconds = time.time() - t0
       del status["running"]
+      if rc is None:
+        self._add_interrupted(status, step, seconds)
+        _write_json(status_path, status)
+        self.say(f"{name}: {step} stopped after {seconds:.1f} s")
+        return False
       if rc != 0:
         self._add_interrupted(status, step, seconds)
         _write_json(status_path, status)
@@ -429,10 +445,38 @@ class Runner:
       self.say(f"{name}: {step} done in {seconds:.1f} s")
     return True
 
+  def _wait(self, proc: subprocess.Popen, run: dict, step: str) -> Optional[int]:
+    """Waits for a step's process: its exit status, or None where it was stopped on purpose."""
+    del run, step
+    return proc.wait()
+
   @staticmethod
   def _add_interrupted(status: dict, step: str, seconds: float) -> None:
     lost = status.setdefault("interrupted_seconds", {})
     lost[step] = round(lost.get(step, 0.0) + max(0.0, seconds), 2)
+
+
+def start_step(cmd: list[str], log, cpus: Optional[set[int]] = None,
+               die_with_parent: bool = False) -> subprocess.Popen:
+  """Starts one step of a run from the repo root, output to the open file `log`.
+
+  The child is pinned to `cpus` between fork and exec, before it starts any thread. With
+  `die_with_parent` (Linux), it gets SIGKILL when the thread that started it dies, so a
+  killed worker leaves no training behind.
+  """
+  def setup() -> None:
+    if cpus:
+      os.sched_setaffinity(0, cpus)
+    if die_with_parent:
+      _set_parent_death_signal(signal.SIGKILL)
+  return subprocess.Popen(cmd, cwd=REPO, env=_child_env(), stdout=log, stderr=subprocess.STDOUT,
+                          stdin=subprocess.DEVNULL, preexec_fn=setup)
+
+
+def _set_parent_death_signal(sig: int) -> None:
+  import ctypes  # pylint: disable=g-import-not-at-top
+  pr_set_pdeathsig = 1
+  ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
 
 
 def _last_error(log: str) -> str:
@@ -451,24 +495,34 @@ def _last_error(log: str) -> str:
 _SLURM_DEFAULTS = {"ntasks": 1, "gpus-per-task": 1, "cpus-per-task": 8, "time": "24:00:00"}
 
 
-def slurm_script(spec_path: str, spec: dict, runs: list[dict], extra: list[str], root: str,
-                 parallel: Optional[int] = None) -> str:
-  """A job array: task i runs the steps of run i through this module (--only=<name>)."""
+def slurm_header(spec_path: str, spec: dict, tasks: int, root: str,
+                 parallel: Optional[int] = None) -> list[str]:
+  """#!/bin/bash and the #SBATCH lines of a job array of `tasks` tasks (spec's "slurm" options)."""
   options = dict(_SLURM_DEFAULTS)
   options.update(spec.get("slurm") or {})
   job = _safe_name(os.path.splitext(os.path.basename(spec_path))[0])
-  array = f"0-{len(runs) - 1}" + (f"%{parallel}" if parallel else "")
+  array = f"0-{tasks - 1}" + (f"%{parallel}" if parallel else "")
   lines = ["#!/bin/bash", f"#SBATCH --job-name={job}", f"#SBATCH --array={array}",
            f"#SBATCH --output={root}/slurm-%A_%a.out"]
-  lines += [f"#SBATCH --{k}={v}" for k, v in options.items()]
+  return lines + [f"#SBATCH --{k}={v}" for k, v in options.items()]
+
+
+def slurm_setup() -> list[str]:
+  """A task's first commands: strict mode, the repo root, $PYTHON (the repo's venv by default)."""
+  return ["set -euo pipefail", f"cd {shlex.quote(REPO)}",
+          'PYTHON="${PYTHON:-' + os.path.join(REPO, ".venv", "bin", "python") + '}"']
+
+
+def slurm_script(spec_path: str, spec: dict, runs: list[dict], extra: list[str], root: str,
+                 parallel: Optional[int] = None) -> str:
+  """A job array: task i runs the steps of run i through this module (--only=<name>)."""
+  lines = slurm_header(spec_path, spec, len(runs), root, parallel)
   lines += [f"# Sweep {os.path.abspath(spec_path)}: {len(runs)} runs, one array task each:"]
   lines += [f"#   {i}: {r['name']}" for i, r in enumerate(runs)]
   lines += [
       "# Submit: sbatch " + shlex.quote(os.path.join(root, "sweep.sbatch")),
       "# Report: python -m launch.report " + shlex.quote(root),
-      "set -euo pipefail",
-      f"cd {shlex.quote(REPO)}",
-      'PYTHON="${PYTHON:-' + os.path.join(REPO, ".venv", "bin", "python") + '}"',
+      *slurm_setup(),
       "RUNS=(" + " ".join(shlex.quote(r["name"]) for r in runs) + ")",
       'RUN="${RUNS[$SLURM_ARRAY_TASK_ID]}"',
       'echo "array task $SLURM_ARRAY_TASK_ID on $(hostname): run $RUN"',

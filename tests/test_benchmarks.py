@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import compare, decode, shapes
+from benchmarks import compare, decode, search_overhead, shapes
 from transformer import sharding
 from transformer.config import EOS_ID, PAD_ID, ModelConfig
 from transformer.model import Transformer
@@ -245,3 +245,14 @@ def test_checkouts_rejects_a_directory_that_is_no_checkout(tmp_path):
                       f"--b={tmp_path}"], cwd=REPO, capture_output=True, text=True, check=False)
   assert r.returncode == 1
   assert r.stderr.strip() == f"error: --b={str(tmp_path)!r} is not a checkout of this repository"
+
+
+def test_search_overhead_counts_the_runs_and_their_overlap(tmp_path):
+  """Two trials of 0.5 s on two workers: both ran, at once; the runs' seconds (0.5 each, on
+  the cores they were pinned to) are not counted as the search's overhead."""
+  r = search_overhead.measure(trials=2, workers=2, run_seconds=0.5, tmp=str(tmp_path))
+  assert r["trials"] == 2 and r["wall_s"] > 0.5
+  assert 0 < r["overhead_s_per_trial"] < r["wall_s"] - 0.5 + 1e-3
+  assert 0 < r["both_running_fraction"] <= 1
+  assert sum(r["core_occupied_fraction"].values()) == pytest.approx(2 * 0.5 / r["wall_s"],
+                                                                      rel=0.25)
