@@ -110,3 +110,19 @@ def test_layer_gradient_norms_add_up_to_the_global_norm():
   np.testing.assert_allclose(math.sqrt(sum(v * v for v in norms.values())), total, rtol=1e-4)
   ents = [k for k in out if k.startswith("entropy/")]
   assert len(ents) == 2 + 2 * 2  # encoder self; decoder self and cross
+
+
+def test_position_similarity_matches_numpy():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(3, 5, 4)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
+  x[1] = x[1, :1]  # every position the same vector: similarity 1
+  total, n = diagnostics.position_similarity(jnp.asarray(x), jnp.asarray(mask))
+  want = []
+  for b in range(2):  # sentence 2 has one real position: not counted
+    v = x[b, mask[b]] / np.linalg.norm(x[b, mask[b]], axis=-1, keepdims=True)
+    c = v @ v.T
+    k = len(v)
+    want.append((c.sum() - np.trace(c)) / (k * (k - 1)))
+  assert float(n) == 2 and abs(want[1] - 1.0) < 1e-6
+  np.testing.assert_allclose(float(total), sum(want), rtol=1e-5)

@@ -11,6 +11,10 @@ attention layer, and how large is each layer's gradient.
                 is uniform attention and 0 attends to one key
   grad_norm     per layer (stack/layer_i, plus 'embedding'): the L2 norm of the gradient of the
                 mean smoothed loss with respect to that layer's parameters
+  encoder_similarity  mean cosine similarity of the encoder's outputs at two different real
+                positions of a sentence: 1 when every position carries the same vector (the
+                encoder has collapsed to a summary of the sentence; cross-attention can then
+                only be uniform), ~0 for unrelated vectors
 
 `--mode=diagnose` (run.py) applies it to every checkpoint of a workdir on the dev split.
 """
@@ -60,6 +64,20 @@ def _mean_normalized_entropy(weights, query_mask, key_counts):
   return jnp.sum(ratio * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
+def position_similarity(encoded: jax.Array, mask: jax.Array):
+  """(sum over sentences of the mean pairwise cosine similarity of distinct real positions,
+  number of sentences with >= 2 real positions); encoded [batch, len, d_model], mask
+  [batch, len] bool."""
+  x = encoded.astype(jnp.float32)
+  x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  cos = jnp.einsum("bid,bjd->bij", x, x)                        # [batch, len, len]
+  pair = mask[:, :, None] & mask[:, None, :] & ~jnp.eye(x.shape[1], dtype=bool)[None]
+  n_pairs = jnp.sum(pair, axis=(1, 2))
+  per_sentence = jnp.sum(jnp.where(pair, cos, 0.0), axis=(1, 2)) / jnp.maximum(n_pairs, 1)
+  has = n_pairs > 0
+  return jnp.sum(jnp.where(has, per_sentence, 0.0)), jnp.sum(has).astype(jnp.float32)
+
+
 def _path(keys) -> str:
   return "/".join(str(getattr(k, "key", k)) for k in keys)
 
@@ -85,13 +103,15 @@ def probe_batch(model, params, batch: dict[str, jax.Array], label_smoothing: flo
 
   (mean_loss, inter), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   del mean_loss
+  src_real, tgt_real = inputs != PAD_ID, targets != PAD_ID
   _, m = loss_and_metrics(model.apply({"params": params}, inputs, targets), targets,
                           label_smoothing)
   _, m_shuf = loss_and_metrics(model.apply({"params": params}, roll_sources(inputs), targets),
                                targets, label_smoothing)
-  src_real, tgt_real = inputs != PAD_ID, targets != PAD_ID
   tgt_pos = jnp.cumsum(jnp.ones_like(targets), axis=1).astype(jnp.float32)  # 1..tgt_len
   out = {"nll": m["nll_sum"], "nll_shuffled": m_shuf["nll_sum"], "tokens": m["tokens"]}
+  encoded = model.apply({"params": params}, inputs, method=model.encode)
+  out["encoder_similarity_sum"], out["sentences"] = position_similarity(encoded, src_real)
   for keys, w in jax.tree_util.tree_leaves_with_path(inter):
     path = _path(keys)
     lm = _LAYER.match(path)
@@ -119,6 +139,8 @@ def combine(results: list[dict[str, float]]) -> dict[str, float]:
          "nll_shuffled": sum(float(r["nll_shuffled"]) for r in results) / total,
          "tokens": total}
   rec["source_gain"] = rec["nll_shuffled"] - rec["nll"]
+  rec["encoder_similarity"] = (sum(float(r["encoder_similarity_sum"]) for r in results)
+                               / max(sum(float(r["sentences"]) for r in results), 1.0))
   for k in results[0]:
     if k.startswith(("entropy/", "grad_norm/")):
       rec[k] = float(np.sum(tokens * np.asarray([float(r[k]) for r in results])) / total)

@@ -806,7 +806,8 @@ def diagnose(cfg: Config, workdir: str, max_batches: int = 0) -> list[dict[str, 
     records.append({"step": step, **rec})
     layers = sorted(k for k in rec if k.startswith("grad_norm/"))
     print(f"step {step}: dev nll {rec['nll']:.3f}, with shuffled sources {rec['nll_shuffled']:.3f}"
-          f" (source gain {rec['source_gain']:.3f} nats/token)")
+          f" (source gain {rec['source_gain']:.3f} nats/token); encoder position similarity"
+          f" {rec['encoder_similarity']:.3f}")
     print("  grad norm  " + "  ".join(f"{k[10:]} {rec[k]:.3g}" for k in layers))
     ents = sorted(k for k in rec if k.startswith("entropy/"))
     print("  entropy    " + "  ".join(f"{k[8:]} {rec[k]:.2f}" for k in ents))
