@@ -97,9 +97,10 @@ def daemons_since(ticks: int) -> list[tuple[str, int]]:
 class Cluster:
   """One node named localhost with `cpus` CPUs, partition `ci`."""
 
-  def __init__(self, directory: str, cpus: int = 2):
+  def __init__(self, directory: str, cpus: int = 2, job_env: Optional[dict[str, str]] = None):
     self.dir = os.path.abspath(directory)
     self.cpus = cpus
+    self.job_env = dict(job_env or {})  # variables every command and job here gets
     self.conf = os.path.join(self.dir, "slurm.conf")
     self._procs: dict[str, subprocess.Popen] = {}
     self._started_at: Optional[int] = None
@@ -110,7 +111,7 @@ class Cluster:
     sbatch hands the submitter's environment to the job, so XLA_FLAGS (tests/conftest.py asks
     for 8 host devices) is left out: each process of a job gets one CPU device.
     """
-    env = processes.environment(SLURM_CONF=self.conf, **extra)
+    env = processes.environment(SLURM_CONF=self.conf, **{**self.job_env, **extra})
     env.pop("XLA_FLAGS", None)
     return env
 

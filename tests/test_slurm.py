@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -59,9 +60,13 @@ def _skip_reason() -> str:
 def cluster(tmp_path_factory):
   reason = _skip_reason()
   if reason:
-    print(f"\nskipping the SLURM tests: {reason}", file=sys.stderr)
+    # In the warnings summary of every pytest run, not only with -rs.
+    warnings.warn(f"skipping the SLURM tests: {reason}")
     pytest.skip(reason)
-  c = slurm_cluster.Cluster(str(tmp_path_factory.mktemp("slurm")))
+  # One persistent XLA compilation cache for the session: the jobs compile the same steps.
+  cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  c = slurm_cluster.Cluster(str(tmp_path_factory.mktemp("slurm")), job_env=cache)
   try:
     c.start()
     yield c
