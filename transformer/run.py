@@ -396,6 +396,20 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _agreed(flags: tuple[bool, ...]) -> tuple[bool, ...]:
+  """Each flag OR-ed over all processes, so that all stop training at the same step.
+
+  SIGTERM (and each process's --max_train_minutes clock) can reach the processes of a job at
+  different steps; one that saved and left alone would leave the others waiting in the next
+  step's collectives (and its checkpoint half-written) until the scheduler's SIGKILL.
+  """
+  if jax.process_count() == 1:
+    return flags
+  # [processes, flags]
+  gathered = np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.int32)))
+  return tuple(bool(v) for v in gathered.reshape(-1, len(flags)).max(axis=0))
+
+
 def train(cfg: Config, workdir: str) -> dict[str, float]:
   """Trains to --num_train_steps, resuming from the newest good checkpoint in workdir.
 
@@ -556,6 +570,7 @@ def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
   start_step, t0 = step, time.time()
   log = _TrainLog(s, writer)
   summary: dict[str, float] = {"num_params": num_params}
+  preempted = False
   with _Preemption() as preemption:
     while step < tcfg.num_train_steps:
       for _ in range(accum):
@@ -564,10 +579,12 @@ def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
         state, metrics = s.trainer.train_step(state, gb)
         log.add(metrics)
       step += 1
-      out_of_time = tcfg.max_train_minutes > 0 and (time.time() - t0) / 60 >= tcfg.max_train_minutes
-      last = step == tcfg.num_train_steps or out_of_time or preemption.requested
+      preempted, out_of_time = _agreed((
+          preemption.requested,
+          tcfg.max_train_minutes > 0 and (time.time() - t0) / 60 >= tcfg.max_train_minutes))
+      last = step == tcfg.num_train_steps or out_of_time or preempted
       do_log = step % tcfg.log_every_steps == 0 or last
-      do_eval = step % tcfg.eval_every_steps == 0 or (last and not preemption.requested)
+      do_eval = step % tcfg.eval_every_steps == 0 or (last and not preempted)
       do_save = step % tcfg.checkpoint_every_steps == 0 or last
       if do_log or do_eval or do_save:
         log.flush(step)
@@ -578,9 +595,10 @@ def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
         log.restart_clock()
       if do_save:
         ckpt.save(step, state, pipeline.iterator_state(train_iter), _saved_config(s))
-      if preemption.requested:
+      if preempted:
         ckpt.wait()
-        logging.warning("SIGTERM: saved checkpoint at step %d; run the same command to resume", step)
+        logging.warning("SIGTERM%s: saved checkpoint at step %d; run the same command to resume",
+                        "" if preemption.requested else " (to another process)", step)
         break
       if out_of_time:
         logging.info("stopping at step %d: --max_train_minutes=%g reached", step,
@@ -588,7 +606,7 @@ def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
         break
   writer.close()
   summary.update({"train_seconds": time.time() - t0, "steps": step - start_step,
-                  "preempted": preemption.requested})
+                  "preempted": preempted})
   logging.info("training done: %d steps in %s", step - start_step, _fmt_time(time.time() - t0))
   return summary
 
