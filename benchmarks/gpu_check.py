@@ -72,8 +72,8 @@ flags.DEFINE_bool("write_trace", False, "Only run the float32 trace here and wri
 flags.DEFINE_string("platform", None, "JAX_PLATFORMS for every part (default: cpu with"
                     " --smoke/--write_trace, else cuda).")
 flags.DEFINE_string("bundle", None, "Folder made by benchmarks/gpu_bundle.sh: its data/multi30k"
-                    " and spm.model are used (default: ../shared/data/multi30k, and the"
-                    " vocabulary is trained).")
+                    " and spm.model are used (default: $TRANSFORMER_DATA_DIR, else"
+                    " ../shared/data, /multi30k, and the vocabulary is trained).")
 flags.DEFINE_string("out", None, "Folder for gpu_check.json and the parts' logs.")
 flags.DEFINE_float("budget_s", 480, "Parts that would start after this many seconds are skipped.")
 flags.DEFINE_list("parts", ["correctness", "trace", "main_job", "speed", "decode"], "Parts to run.")
@@ -468,7 +468,9 @@ def main(argv):
     raw, vocab = os.path.join(FLAGS.bundle, "data", "multi30k"), os.path.join(FLAGS.bundle,
                                                                              "spm.model")
   else:
-    raw, vocab = os.path.join(os.path.dirname(REPO), "shared", "data", "multi30k"), None
+    data = os.environ.get("TRANSFORMER_DATA_DIR",
+                          os.path.join(os.path.dirname(REPO), "shared", "data"))
+    raw, vocab = os.path.join(data, "multi30k"), None
   if not os.path.exists(os.path.join(raw, "train.en")):
     print(f"error: no Multi30k at {raw}: pass --bundle=DIR (benchmarks/gpu_bundle.sh)",
           file=sys.stderr)

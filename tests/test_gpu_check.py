@@ -60,3 +60,12 @@ def test_smoke_runs_every_part_on_the_cpu(tmp_path, multi30k_dir):
   assert len(parts["decode"]["points"]) == 2
   assert all(d["sentences_per_s"] > 0 for d in parts["decode"]["points"])
   assert table.startswith("| part |") and "main job" in table
+
+
+def test_bad_input_is_one_error_line(tmp_path):
+  for args, message in ((["--parts=speed,fly"], "error: --parts: unknown ['fly']"),
+                        ([f"--bundle={tmp_path}"], "error: no Multi30k at")):
+    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", *args], cwd=REPO,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 2 and p.stderr.strip().startswith(message), p.stderr
+    assert p.stdout == "" and len(p.stderr.strip().splitlines()) == 1
