@@ -109,6 +109,8 @@ def _env(ctx: Context, precision: Optional[str] = None) -> dict:
   env = dict(os.environ, JAX_PLATFORMS=ctx.platform, PYTHONUNBUFFERED="1")
   env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
   env["PYTHON"] = sys.executable  # launch/local.sh's interpreter
+  # One persistent compilation cache for every part: the main job reuses the trace's steps.
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ctx.work, "jax_cache"))
   if precision:
     env["JAX_DEFAULT_MATMUL_PRECISION"] = precision
   else:

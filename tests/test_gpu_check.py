@@ -38,7 +38,7 @@ def test_smoke_runs_every_part_on_the_cpu(tmp_path, multi30k_dir):
   env.pop("XLA_FLAGS", None)  # one CPU device, as on the GPU machine
   p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke",
                       f"--out={tmp_path}", "--budget_s=3600"], cwd=REPO, env=env, capture_output=True, text=True,
-                     timeout=600, check=False)
+                     timeout=1800, check=False)
   assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
   line, table = p.stdout.strip().split("\n", 1)
   r = json.loads(line)
