@@ -33,7 +33,7 @@ fi
 [[ -f "$FLAGFILE" ]] || { echo "error: flag file $FLAGFILE does not exist" >&2; exit 2; }
 cd "$REPO"
 if [[ -z "${DRY_RUN:-}" && "$PYTHON" == */* && ! -x "$PYTHON" ]]; then
-  echo "error: no interpreter at $PYTHON: create the venv (python3 -m venv .venv &&" \
+  echo "error: no interpreter at $PYTHON: create the venv (python3.12 -m venv .venv &&" \
        ".venv/bin/pip install -c constraints.txt -e .) or set PYTHON" >&2
   exit 2
 fi

@@ -12,7 +12,7 @@ from transformer.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-if not (aot.installed("libtpu") and aot.installed("jax_plugins.xla_cuda12")):
+if not (aot.installed("libtpu") and any(aot.installed(m) for m in aot.CUDA_PLUGINS)):
   raise RuntimeError("tests/test_aot.py needs the compilers for TPU and GPU:"
                      " pip install -c constraints.txt -e '.[test,tpu,gpu]'")
 

@@ -85,8 +85,12 @@ def accelerator(name: str) -> Accelerator:
   return ACCELERATORS[name]
 
 
+# The [gpu] extra's PJRT plugin: CUDA 13 (pinned), or CUDA 12 where a user installed that one.
+CUDA_PLUGINS = ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12")
+
+
 def installed(module: str) -> bool:
-  """Whether `module` (e.g. 'libtpu', 'jax_plugins.xla_cuda12') can be imported."""
+  """Whether `module` (e.g. 'libtpu', 'jax_plugins.xla_cuda13') can be imported."""
   try:
     return importlib.util.find_spec(module) is not None
   except ModuleNotFoundError:  # its parent package is missing
@@ -115,7 +119,7 @@ def compile_devices(acc: Accelerator, num_slices: int = 1) -> list:
       kwargs["chip_config_name"] = acc.chip_config
     return list(topologies.get_topology_desc(platform="tpu", topology_name=acc.topology,
                                              **kwargs).devices)
-  if not installed("jax_plugins.xla_cuda12"):
+  if not any(installed(m) for m in CUDA_PLUGINS):
     raise ConfigError(f"--topology={acc.name} needs the CUDA plugin: pip install -e '.[gpu]'")
   path = os.path.join(os.path.dirname(__file__), "targets", acc.target_config)
   with open(path, encoding="utf-8") as f:
@@ -213,6 +217,11 @@ def _oom_bytes(message: str) -> Optional[int]:
 
 def _compile(lowered) -> dict[str, Any]:
   """Compiles; memory and FLOPs per device, or the out-of-memory message."""
+  return compile_and_measure(lowered)[1]
+
+
+def compile_and_measure(lowered) -> tuple[Any, dict[str, Any]]:
+  """Compiles; (the executable, or None when out of memory; its memory and FLOPs per device)."""
   import jax  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   try:
@@ -222,8 +231,8 @@ def _compile(lowered) -> dict[str, Any]:
     if "RESOURCE_EXHAUSTED" not in text:
       raise
     first = next((l for l in text.splitlines() if "RESOURCE_EXHAUSTED" in l), text[:300])
-    return {"compile_seconds": round(time.time() - t0, 1), "oom": first.strip()[:400],
-            "total_bytes": _oom_bytes(text)}
+    return None, {"compile_seconds": round(time.time() - t0, 1), "oom": first.strip()[:400],
+                  "total_bytes": _oom_bytes(text)}
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
@@ -238,7 +247,7 @@ def _compile(lowered) -> dict[str, Any]:
   # Peak: arguments, outputs not written into donated arguments, temporaries, code.
   out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
                         + out["temp_bytes"] + out["code_bytes"])
-  return out
+  return compiled, out
 
 
 def compile_programs(cfg: Config, topology: str, num_slices: int = 1,
