@@ -2,6 +2,7 @@
 
 import os
 import random
+import re
 import shutil
 import signal
 import struct
@@ -126,6 +127,21 @@ def test_sigterm_saves_and_exits_then_resumes(tmp_path, multi30k_dir):
   assert (workdir / "checkpoints" / str(step)).is_dir()
   r = _main(workdir, multi30k_dir, f"--num_train_steps={step + 2}")
   assert r.returncode == 0 and f"resumed from step {step}" in r.stderr, r.stderr[-3000:]
+
+
+def test_sigterm_stops_at_the_next_step(tmp_path, multi30k_dir):
+  """SIGTERM as soon as the device has finished step 6: the run saves and stops within 2
+  steps of it, although one batch shape (compiled once) and a model of 256 dimensions let
+  the host dispatch steps far ahead of the device."""
+  r = _main(tmp_path / "run", multi30k_dir, "--d_model=256", "--d_ff=1024", "--num_heads=4",
+            "--d_k=64", "--d_v=64", "--tokens_per_batch=4096", "--bucket_boundaries=64",
+            "--max_source_length=64", "--max_target_length=64", "--log_every_steps=1000",
+            "--checkpoint_every_steps=1000", "--num_train_steps=40",
+            program=("tests.sigterm_main", "6"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  saved = [int(m) for m in re.findall(r"SIGTERM: saved checkpoint at step (\d+)", r.stderr)]
+  assert len(saved) == 1 and 6 <= saved[0] <= 8, (saved, r.stderr[-2000:])
+  assert os.listdir(tmp_path / "run" / "checkpoints") == [str(saved[0])]
 
 
 def test_truncated_latest_checkpoint_falls_back(tmp_path, multi30k_dir):
