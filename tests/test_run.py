@@ -1,10 +1,12 @@
 """Workflow error paths and input limits of transformer/run.py, in process (no subprocess)."""
 
 import dataclasses
+import functools
 import json
 import logging as std_logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -13,9 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from transformer import checkpoints, config as config_lib, run, sharding
+from transformer import checkpoints, config as config_lib, decode, run, sharding
 from transformer.config import EOS_ID, ModelConfig, TrainConfig
 from transformer.data import pipeline
+from transformer.decode import BeamSearcher
 from transformer.train import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,3 +231,146 @@ def test_every_path_flag_of_every_mode_of_the_wrong_kind_is_one_error_line(tmp_p
   assert sorted(p.name for p in tmp_path.iterdir()) == [
       "a_dir", "a_file", "pairs.de", "pairs.en"]  # no workdir, nothing prepared
   assert not list(a_dir.iterdir())
+
+# ----------------------------------------------------------------------------
+# A tiny trained workdir: decoding flags reach the search, resume past the end, SIGTERM
+# ----------------------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--flagfile=experiments/cpu/multi30k_en_de.flags", "--train_split=train[:1500]",
+        "--eval_split=validation[:16]", "--test_split=test[:8]", "--vocab_size=300",
+        "--num_encoder_layers=1", "--num_decoder_layers=1", "--d_model=32", "--d_ff=64",
+        "--num_heads=2", "--d_k=16", "--d_v=16", "--tokens_per_batch=512",
+        "--bucket_boundaries=32,64,128", "--warmup_steps=4", "--log_every_steps=1000",
+        "--eval_every_steps=1000", "--eval_bleu_sentences=0", "--checkpoint_every_steps=1000"]
+SOURCES = ["A man is riding a bike.", "Two dogs play in the snow.", "A girl in a red dress.",
+           "People are walking down the street near a market."]
+
+
+def _cfg(data_dir, *args):
+  return config_lib.from_args([*TINY, f"--raw_data_dir={data_dir}", *args], cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, multi30k_dir):
+  """A workdir trained for 12 steps (checkpoint 12): enough for hypotheses that end on
+  their own, so that the decoding flags change them."""
+  workdir = str(tmp_path_factory.mktemp("tiny") / "run")
+  run.train(_cfg(multi30k_dir, "--num_train_steps=12"), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def restored(trained, multi30k_dir):
+  """(Setup, parameters) of the trained workdir's latest checkpoint."""
+  s = run.setup(_cfg(multi30k_dir), trained, train_vocab=False)
+  return s, run._restore_params(s, "latest")[0]  # pylint: disable=protected-access
+
+
+def _direct_hyps(restored, cfg, sources=SOURCES, params=None, **search):
+  """Best hypothesis of each source (a string, or token ids with EOS) from one direct
+  `decode.beam_search` call with the decoding values of `cfg`, overridden by `search`
+  (sources padded to 32 tokens, or 64 if one is longer)."""
+  s, restored_params = restored
+  search = {"beam_size": cfg.decode.beam_size, "alpha": cfg.decode.alpha,
+            "max_decode_len_offset": cfg.decode.max_decode_len_offset, **search}
+  ids = [s.tokenizer.encode(x) + [EOS_ID] if isinstance(x, str) else list(x) for x in sources]
+  inputs = np.zeros((len(ids), 32 if max(map(len, ids)) <= 32 else 64), np.int32)
+  for row, x in zip(inputs, ids):
+    row[:len(x)] = x
+  seqs, _ = jax.jit(functools.partial(decode.beam_search, model_cfg=s.model_cfg, **search))(
+      restored_params if params is None else params, inputs)
+  return [s.tokenizer.decode(seq.tolist()) for seq in np.asarray(seqs)[:, 0]]
+
+
+def _translate(cfg, workdir, tmp_path, name):
+  src, out = tmp_path / f"{name}.src", tmp_path / f"{name}.hyp"
+  src.write_text("\n".join(SOURCES) + "\n", encoding="utf-8")
+  run.translate(cfg, workdir, input_path=str(src), output_path=str(out))
+  return out.read_text(encoding="utf-8").splitlines()
+
+
+@pytest.mark.parametrize("flag,values,other", [
+    ("alpha", (0.0, 3.0), ()), ("beam_size", (1, 4), ()),
+    ("max_decode_len_offset", (2, 30), ("--alpha=3.0",))])  # alpha 3: long hypotheses win
+def test_decoding_flags_reach_the_search(trained, restored, multi30k_dir, tmp_path, flag,
+                                         values, other):
+  """Two translations that differ only in --FLAG give, each, the hypotheses of a direct
+  beam_search with that value; the two values give different hypotheses (else the flag
+  could be dropped unnoticed)."""
+  direct = {}
+  for v in values:
+    cfg = _cfg(multi30k_dir, f"--{flag}={v}", *other)
+    direct[v] = _direct_hyps(restored, cfg, **{flag: v})
+    assert _translate(cfg, trained, tmp_path, f"{flag}{v}") == direct[v], (flag, v)
+  assert direct[values[0]] != direct[values[1]]
+
+
+class _RecordedSearcher(BeamSearcher):
+  """The BeamSearcher, keeping every instance built."""
+  built: list = []
+
+  def __post_init__(self):
+    super().__post_init__()
+    self.built.append(self)
+
+
+def test_cache_segment_reaches_the_search(trained, restored, multi30k_dir, tmp_path,
+                                          monkeypatch):
+  """--cache_segment changes how the search runs, not what it finds. Lowered for sources
+  padded to 24 tokens with --max_decode_len_offset=30 (54 positions), the search that
+  translate built runs one while loop without it and four with --cache_segment=8 (cache
+  widths 8, 16, 32 and 54); the hypotheses are the same."""
+  monkeypatch.setattr(_RecordedSearcher, "built", [])
+  monkeypatch.setattr(run, "BeamSearcher", _RecordedSearcher)
+  hyps = {}
+  for segment in (0, 8):
+    cfg = _cfg(multi30k_dir, f"--cache_segment={segment}", "--max_decode_len_offset=30")
+    hyps[segment] = _translate(cfg, trained, tmp_path, f"seg{segment}")
+  assert hyps[0] == hyps[8] == _direct_hyps(restored, cfg, cache_segment=8)
+  assert len(_RecordedSearcher.built) == 2
+  abstract_params = restored[0].trainer.abstract_state.params
+  loops = [searcher.lower(abstract_params, jax.ShapeDtypeStruct((8, 24), np.int32)
+                          ).as_text().count("stablehlo.while")
+           for searcher in _RecordedSearcher.built]
+  assert loops[1] - loops[0] == 3, loops
+
+
+def test_eval_beam_size_reaches_the_dev_decode(trained, restored, multi30k_dir, tmp_path,
+                                               monkeypatch):
+  """One more step with a dev decode at its end: with --eval_beam_size=1 and =3 (--beam_size
+  stays 4) the dev hypotheses are those of a direct beam_search of that width."""
+  calls = []
+
+  def recorded(s, searcher, params, tokenized, progress=False):
+    hyps = translate_tokenized(s, searcher, params, tokenized, progress)
+    calls.append((params, [tokenized.source(i).tolist() for i in range(len(tokenized))], hyps))
+    return hyps
+
+  translate_tokenized = run.translate_tokenized
+  monkeypatch.setattr(run, "translate_tokenized", recorded)
+  direct = {}
+  for beam in (1, 3):
+    workdir = tmp_path / f"beam{beam}"
+    shutil.copytree(trained, workdir)
+    cfg = _cfg(multi30k_dir, "--num_train_steps=13", "--eval_bleu_sentences=4",
+               f"--eval_beam_size={beam}", "--beam_size=4")
+    run.train(cfg, str(workdir))
+    params, sources, hyps = calls[-1]
+    assert len(calls) == len(direct) + 1 and len(hyps) == 4
+    direct[beam] = _direct_hyps(restored, cfg, sources, params, beam_size=beam)
+    assert hyps == direct[beam], beam
+  assert direct[1] != direct[3]
+
+
+def test_num_train_steps_below_the_checkpoint_says_so(trained, multi30k_dir, tmp_path, caplog):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  with caplog.at_level(std_logging.WARNING):
+    summary = run.train(_cfg(multi30k_dir, "--num_train_steps=5"), str(workdir))
+  assert summary["steps"] == 0
+  assert (f"nothing to train: {workdir} is already at step 12 (its latest checkpoint), at or"
+          " past --num_train_steps=5; raise --num_train_steps to train on"
+          ) in [r.getMessage() for r in caplog.records], caplog.records
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["12"]
+

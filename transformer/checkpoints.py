@@ -11,6 +11,8 @@ with the same vocabulary and the same values of the model fields marked
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
+from orbax.checkpoint._src import asyncio_utils
 
 from transformer.config import Config, ConfigError, ModelConfig, must_match_fields
 
@@ -28,6 +31,38 @@ ITEMS = ("state", "data", "config")
 
 class CheckpointError(RuntimeError):
   """A user-facing checkpoint problem (one line)."""
+
+
+def _run_in_a_new_loop_then_drain(coro):
+  """Runs `coro` to completion in a new event loop, as Orbax's restore does; if it fails, the
+  loop's other tasks (the reads of the other arrays, still in flight) are run to their end,
+  their errors retrieved, before the loop is closed. Closed at once, their reads would later
+  complete into a closed loop: 'Event loop is closed' and 'Future exception was never
+  retrieved' tracebacks long after the failure was handled."""
+  loop = asyncio.new_event_loop()
+  asyncio.set_event_loop(loop)
+  try:
+    try:
+      return loop.run_until_complete(coro)
+    except BaseException:
+      pending = asyncio.all_tasks(loop)
+      if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+      raise
+  finally:
+    asyncio.set_event_loop(None)
+    loop.close()
+
+
+@contextlib.contextmanager
+def _failed_reads_drained():
+  """Orbax's synchronous calls (restore) run in _run_in_a_new_loop_then_drain meanwhile."""
+  original = asyncio_utils._run_sync_via_new_loop  # pylint: disable=protected-access
+  asyncio_utils._run_sync_via_new_loop = _run_in_a_new_loop_then_drain  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    asyncio_utils._run_sync_via_new_loop = original  # pylint: disable=protected-access
 
 
 class Checkpointer:
@@ -56,11 +91,13 @@ class Checkpointer:
     """(state, data_state, config) of `step`, placed with abstract_state's shardings."""
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
-    restored = self.manager.restore(step, args=args)
+    with _failed_reads_drained():
+      restored = self.manager.restore(step, args=args)
     return restored.state, restored.data, restored.config
 
   def restore_config(self, step: int) -> dict:
-    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    with _failed_reads_drained():
+      restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return restored.config
 
   def restore_latest_good(self, abstract_state: Any

@@ -564,6 +564,10 @@ def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
 
   accum = tcfg.grad_accum_steps  # micro-batches per optimizer update
   step = int(state.step) // accum  # state.step counts micro-batches
+  if step >= tcfg.num_train_steps:
+    logging.warning("nothing to train: %s is already at step %d (its latest checkpoint), at or"
+                    " past --num_train_steps=%d; raise --num_train_steps to train on",
+                    workdir, step, tcfg.num_train_steps)
   if accum > 1:
     logging.info("gradient accumulation: %d micro-batches of ~%d tokens per update (~%d tokens)",
                  accum, cfg.data.tokens_per_batch, accum * cfg.data.tokens_per_batch)
@@ -571,6 +575,7 @@ def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
   log = _TrainLog(s, writer)
   summary: dict[str, float] = {"num_params": num_params}
   preempted = False
+  in_flight = None  # the previous step's metrics: not yet waited for
   with _Preemption() as preemption:
     while step < tcfg.num_train_steps:
       for _ in range(accum):
@@ -579,6 +584,12 @@ def _train_loop(s: Setup, ckpt: checkpoints.Checkpointer) -> dict[str, float]:
         state, metrics = s.trainer.train_step(state, gb)
         log.add(metrics)
       step += 1
+      # Dispatch is asynchronous: unchecked, the host runs up to a log/save step ahead of the
+      # device, and a SIGTERM is then only acted on after all those steps have run. Waiting
+      # for the previous step keeps one step queued behind the running one, no more.
+      if in_flight is not None:
+        jax.block_until_ready(in_flight)
+      in_flight = metrics
       preempted, out_of_time = _agreed((
           preemption.requested,
           tcfg.max_train_minutes > 0 and (time.time() - t0) / 60 >= tcfg.max_train_minutes))
