@@ -180,18 +180,26 @@ def test_a_bad_trial_is_pruned_and_its_process_stops(tmp_path):
   assert status["steps"] == {} and "train" in status["interrupted_seconds"]
 
 
-@pytest.mark.parametrize("how", ["kill -9 the worker", "SIGTERM the search"])
-def test_a_stopped_worker_then_resume_loses_and_doubles_nothing(tmp_path, how):
-  root = tmp_path / "r"
-  spec = _spec(tmp_path, budget={"trials": 2}, flags={"num_train_steps": 6})
+def _search_at_step_2(tmp_path, root, trials: int, **popen):
+  """Starts a search of `trials` 6-step fake trials; returns (its command, its process) once
+  trial 0 has written 2 evaluations."""
+  spec = _spec(tmp_path, budget={"trials": trials}, flags={"num_train_steps": 6})
   cmd = [sys.executable, "-m", "launch.search", spec, f"--root={root}",
          f"--python={_fake(tmp_path, 0.4)}"]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, start_new_session=True)
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), **popen)
   metrics = root / "trial_0000" / "metrics.jsonl"
   deadline = time.time() + 60
   while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
     time.sleep(0.1)
+  return cmd, proc
+
+
+@pytest.mark.parametrize("how", ["kill -9 the worker", "SIGTERM the search"])
+def test_a_stopped_worker_then_resume_loses_and_doubles_nothing(tmp_path, how):
+  root = tmp_path / "r"
+  cmd, proc = _search_at_step_2(tmp_path, root, 2, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+  metrics = root / "trial_0000" / "metrics.jsonl"
   start = (root / "trial_0000" / "fake.log").read_text().split()
   train_pid, worker_pid = int(start[1]), int(start[2])
   if how == "kill -9 the worker":
@@ -231,15 +239,9 @@ def test_a_sigterm_to_a_training_alone_queues_its_trial_again(tmp_path):
   """A scheduler's SIGTERM to the training (exit 143): the trial is not complete; the worker
   retries it, resumed from its evaluations, and the study counts it once."""
   root = tmp_path / "r"
-  spec = _spec(tmp_path, budget={"trials": 1}, flags={"num_train_steps": 6})
-  cmd = [sys.executable, "-m", "launch.search", spec, f"--root={root}",
-         f"--python={_fake(tmp_path, 0.4)}"]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  _, proc = _search_at_step_2(tmp_path, root, 1, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
   metrics = root / "trial_0000" / "metrics.jsonl"
-  deadline = time.time() + 60
-  while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
-    time.sleep(0.1)
   os.kill(int((root / "trial_0000" / "fake.log").read_text().split()[1]), 15)
   out, _ = proc.communicate(timeout=60)
   assert proc.returncode == 0, out
