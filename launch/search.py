@@ -39,9 +39,9 @@ The study lives in R/study.journal (Optuna's journal storage: append-only text, 
 made with O_CREAT|O_EXCL, safe for local processes and NFSv3+), or in --storage=URL (an RDB).
 Rerunning the command continues the study. SIGTERM to the command (or a worker) stops each
 running trial through SIGTERM (a checkpoint) and queues it again; so does a SIGTERM that reaches
-a trial's training alone (it exits 143, not finished). A RUNNING trial whose worker died (its pid is gone
-on this host, or, from another host, its heartbeat file in R/workers/ is older than
-HEARTBEAT_STALE_S) is marked FAIL and enqueued again with the same parameters and run
+a trial's training alone (it exits 143, not finished). A RUNNING trial whose worker died (its
+pid is gone on this host, or, from another host, its heartbeat file in R/workers/ is older
+than HEARTBEAT_STALE_S) is marked FAIL and enqueued again with the same parameters and run
 directory, so its training resumes from its checkpoint; it is never counted twice.
 
 --workers=N starts N worker processes, each pinned to its own --cpus_per_run cores.

@@ -32,9 +32,9 @@ Each run gets ROOT/<name>/ with flags.txt (a flag file: `python -m transformer.m
 --flagfile=ROOT/<name>/flags.txt --mode=...` from the repo root repeats it), run.json (its
 overrides), one <step>.log per step and status.json (the steps that finished, with times).
 Steps that finished are skipped, so the same command resumes a sweep; `train` itself resumes
-from the run's latest checkpoint (a train stopped by SIGTERM exits 143 and is not finished), and a step's seconds in status.json count every attempt
-(`interrupted_seconds`: those of attempts that were killed or failed). ROOT/sweep.json lists
-the runs in order (for launch.report).
+from the run's latest checkpoint (a train stopped by SIGTERM exits 143: not finished), and a
+step's seconds in status.json count every attempt (`interrupted_seconds`: those of attempts
+that were killed or failed). ROOT/sweep.json lists the runs in order (for launch.report).
 
 On a CPU machine, --parallel=N --cpus_per_run=K runs N runs at a time, worker i pinned to its
 own K cores (cores iK..iK+K-1 of those this process may use), so runs do not share cores and a

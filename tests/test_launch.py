@@ -556,7 +556,8 @@ def test_local_sh_dry_run_trains_averages_evaluates(tmp_path):
 def test_local_sh_stops_after_a_train_stopped_by_sigterm(tmp_path):
   """transformer.main's 143 (a SIGTERM save) ends the script before average and evaluate."""
   fake = tmp_path / "fake_python"
-  fake.write_text('#!/bin/sh\necho "$@" >> "$CALLS"\ncase "$*" in *--mode=train*) exit 143 ;; esac\n')
+  fake.write_text('#!/bin/sh\necho "$@" >> "$CALLS"\n'
+                  'case "$*" in *--mode=train*) exit 143 ;; esac\n')
   fake.chmod(0o755)
   env = dict(os.environ, PYTHON=str(fake), CALLS=str(tmp_path / "calls"))
   r = subprocess.run(["bash", os.path.join(REPO, "launch", "local.sh"), str(tmp_path / "w"),
