@@ -9,7 +9,8 @@
 # WORKDIR and FLAGFILE may be given relative to the current directory or to the repository root.
 # Interpreter: $PYTHON (default .venv/bin/python of the repository). DRY_RUN=1 prints the three
 # commands without running them. Training resumes from WORKDIR's latest checkpoint, so running
-# the same command again continues an interrupted run.
+# the same command again continues an interrupted run; a train stopped by SIGTERM (exit 143)
+# ends the script there, before average and evaluate.
 set -euo pipefail
 
 usage() { echo "usage: $0 WORKDIR FLAGFILE [extra flags...]" >&2; exit 2; }
@@ -48,8 +49,13 @@ phase() {  # phase MODE [flags...]
   local cmd=("$PYTHON" -m transformer.main "--flagfile=$FLAGFILE" "$@" "--workdir=$WORKDIR" "--mode=$mode")
   echo "[local.sh] $(date '+%F %T') $mode: $(printf '%q ' "${cmd[@]}")"
   [[ -n "${DRY_RUN:-}" ]] && return 0
-  local t0=$SECONDS
-  "${cmd[@]}"
+  local t0=$SECONDS status=0
+  "${cmd[@]}" || status=$?
+  if [[ $status == 143 ]]; then  # 128 + SIGTERM: a train that saved a checkpoint and stopped
+    echo "[local.sh] $mode stopped by SIGTERM, not finished (checkpoint saved): the same" \
+         "command resumes it" >&2
+  fi
+  [[ $status == 0 ]] || exit "$status"
   local took=$((SECONDS - t0))
   TIMES+=("$mode $(fmt $took)")
   echo "[local.sh] $mode took $(fmt $took)"

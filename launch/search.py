@@ -38,9 +38,10 @@ continue it. The trial's value is its last dev evaluation.
 The study lives in R/study.journal (Optuna's journal storage: append-only text, one lock file
 made with O_CREAT|O_EXCL, safe for local processes and NFSv3+), or in --storage=URL (an RDB).
 Rerunning the command continues the study. SIGTERM to the command (or a worker) stops each
-running trial through SIGTERM (a checkpoint) and queues it again. A RUNNING trial whose worker died (its pid is gone
-on this host, or, from another host, its heartbeat file in R/workers/ is older than
-HEARTBEAT_STALE_S) is marked FAIL and enqueued again with the same parameters and run
+running trial through SIGTERM (a checkpoint) and queues it again; so does a SIGTERM that reaches
+a trial's training alone (it exits 143, not finished). A RUNNING trial whose worker died (its
+pid is gone on this host, or, from another host, its heartbeat file in R/workers/ is older
+than HEARTBEAT_STALE_S) is marked FAIL and enqueued again with the same parameters and run
 directory, so its training resumes from its checkpoint; it is never counted twice.
 
 --workers=N starts N worker processes, each pinned to its own --cpus_per_run cores.
@@ -79,7 +80,7 @@ JOURNAL = "study.journal"
 HEARTBEAT_S = 20.0
 HEARTBEAT_STALE_S = 120.0
 POLL_S = 0.5
-STOPPED = 128 + signal.SIGTERM  # a worker's exit status after SIGTERM
+STOPPED = sweep.INTERRUPTED  # a worker's exit status after SIGTERM
 # Keys of a dev evaluation record (metrics.jsonl, kind 'eval'): always, and with
 # --eval_bleu_sentences > 0 per task.
 _EVAL_ALWAYS = ("nll", "perplexity")
@@ -417,6 +418,7 @@ class TrialRunner(sweep.Runner):
     self.metric = spec["objective"]["metric"]
     self.trial = None
     self.pruned_at: Optional[int] = None
+    self.interrupted = False  # its training exited 143: stopped by a SIGTERM not from here
     self.stop = threading.Event()  # SIGTERM to the worker: stop the run, retry it later
 
   def say(self, message: str) -> None:
@@ -443,6 +445,7 @@ class TrialRunner(sweep.Runner):
             proc.wait()
           return None
       if rc is not None:
+        self.interrupted = rc == sweep.INTERRUPTED
         return rc
       if self.stop.is_set():
         proc.send_signal(signal.SIGTERM)  # the run saves a checkpoint and exits
@@ -458,14 +461,14 @@ class TrialRunner(sweep.Runner):
     trial.set_user_attr("run", name)
     run = make_run(spec, self.root, name, params)
     sweep.write_run_files(run, self.extra, os.path.join(self.root, name), trial=trial.number)
-    self.trial, self.pruned_at = trial, None
+    self.trial, self.pruned_at, self.interrupted = trial, None, False
     t0 = time.time()
     try:
       ok = self.run(run)
     finally:
       self.trial = None
     values = eval_values(os.path.join(self.root, name), self.metric)
-    if self.stop.is_set() and not ok and self.pruned_at is None:
+    if (self.stop.is_set() or self.interrupted) and not ok and self.pruned_at is None:
       requeue(study, trial)
       state = "stopped by SIGTERM; queued again, to continue from its checkpoint"
     elif self.pruned_at is not None:

@@ -32,9 +32,9 @@ Each run gets ROOT/<name>/ with flags.txt (a flag file: `python -m transformer.m
 --flagfile=ROOT/<name>/flags.txt --mode=...` from the repo root repeats it), run.json (its
 overrides), one <step>.log per step and status.json (the steps that finished, with times).
 Steps that finished are skipped, so the same command resumes a sweep; `train` itself resumes
-from the run's latest checkpoint, and a step's seconds in status.json count every attempt
-(`interrupted_seconds`: those of attempts that were killed or failed). ROOT/sweep.json lists
-the runs in order (for launch.report).
+from the run's latest checkpoint (a train stopped by SIGTERM exits 143: not finished), and a
+step's seconds in status.json count every attempt (`interrupted_seconds`: those of attempts
+that were killed or failed). ROOT/sweep.json lists the runs in order (for launch.report).
 
 On a CPU machine, --parallel=N --cpus_per_run=K runs N runs at a time, worker i pinned to its
 own K cores (cores iK..iK+K-1 of those this process may use), so runs do not share cores and a
@@ -65,6 +65,8 @@ from typing import Any, Iterator, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("train", "average", "evaluate")
+# transformer.main's exit status after SIGTERM stopped a train early (its checkpoint saved).
+INTERRUPTED = 128 + signal.SIGTERM
 SPEC_KEYS = ("description", "base_flagfile", "flags", "grid", "zip", "runs", "name_template",
              "steps", "evaluate_checkpoint", "slurm")
 # Flags that belong to the launcher, not to a spec: each run's --workdir and --mode are its own.
@@ -437,7 +439,11 @@ class Runner:
       if rc != 0:
         self._add_interrupted(status, step, seconds)
         _write_json(status_path, status)
-        self.say(f"{name}: {step} FAILED (exit {rc}, {seconds:.1f} s): {_last_error(log)}")
+        if rc == INTERRUPTED:
+          self.say(f"{name}: {step} interrupted by SIGTERM (exit {rc}, {seconds:.1f} s): not"
+                   " finished, its checkpoint is saved; run the sweep again to resume it")
+        else:
+          self.say(f"{name}: {step} FAILED (exit {rc}, {seconds:.1f} s): {_last_error(log)}")
         return False
       lost = status.get("interrupted_seconds", {}).get(step, 0.0)
       status["steps"][step] = {"seconds": round(seconds + lost, 2), "finished": time.time()}

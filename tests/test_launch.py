@@ -374,49 +374,76 @@ def test_cpus_per_run_pins_each_worker_to_its_own_cores(tmp_path):
   assert f"needs {len(cores) + 1} cores; this process may use {len(cores)}" in r.stderr
 
 
-def test_a_killed_sweep_continues_to_the_same_results(tmp_path, multi30k_dir):
-  """SIGKILL the whole sweep mid-training, run it again: the run's record equals an unbroken run's."""
-  from launch import table3  # pylint: disable=g-import-not-at-top
+@pytest.fixture(scope="module")
+def unbroken_sweep(tmp_path_factory, multi30k_dir):
+  """A one-run sweep (train 24 steps, evaluate) that nothing stops: (spec, its root, command)."""
+  tmp = tmp_path_factory.mktemp("unbroken")
   tiny = json.loads(open(TINY, encoding="utf-8").read())
   flags = dict(tiny["flags"], num_train_steps=24, checkpoint_every_steps=8, eval_every_steps=8,
                log_every_steps=8, keep_checkpoints=5, dropout_rate=0.1,
-               tfds_data_dir=str(tmp_path / "_tfds"), vocab_path=str(tmp_path / "spm.model"))
-  spec = _spec(tmp_path, flags=flags, runs=[{"name": "base"}], steps=["train", "evaluate"],
+               tfds_data_dir=str(tmp / "_tfds"), vocab_path=str(tmp / "spm.model"))
+  spec = _spec(tmp, flags=flags, runs=[{"name": "base"}], steps=["train", "evaluate"],
                evaluate_checkpoint="latest")
 
   def sweep_cmd(root):
     return [sys.executable, "-m", "launch.sweep", spec, f"--root={root}",
             f"--raw_data_dir={multi30k_dir}"]
 
-  whole = tmp_path / "whole"
-  r = subprocess.run(sweep_cmd(whole), cwd=REPO, env=_env(), capture_output=True, text=True,
-                     timeout=600)
+  r = subprocess.run(sweep_cmd(tmp / "whole"), cwd=REPO, env=_env(), capture_output=True,
+                     text=True, timeout=600)
   assert r.returncode == 0, r.stdout + r.stderr
+  return tmp / "whole", sweep_cmd
 
+
+@pytest.mark.parametrize("how", ["SIGKILL the sweep", "SIGTERM the training"])
+def test_a_stopped_sweep_continues_to_the_same_results(tmp_path, unbroken_sweep, how):
+  """Stop the sweep mid-training, run it again: the run's record equals an unbroken run's.
+
+  SIGKILL takes the sweep and its training down. SIGTERM reaches the training alone (as a
+  scheduler's notice): it saves, exits 143, and the sweep records its train as not finished
+  and goes on to no later step of the run.
+  """
+  from launch import table3  # pylint: disable=g-import-not-at-top
+  whole, sweep_cmd = unbroken_sweep
   broken = tmp_path / "broken"
-  proc = subprocess.Popen(sweep_cmd(broken), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, start_new_session=True)
+  with open(tmp_path / "first.out", "w", encoding="utf-8") as out:
+    proc = subprocess.Popen(sweep_cmd(broken), cwd=REPO, env=_env(), stdout=out,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
   deadline = time.time() + 300
   first = broken / "base" / "checkpoints" / "8"
   while not first.is_dir() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.2)
-  os.killpg(proc.pid, 9)
-  proc.wait(timeout=60)
-  assert first.is_dir(), "the sweep did not write its first checkpoint within 300 s"
   status_started = json.loads((broken / "base" / "status.json").read_text())["running"]["started"]
-  assert not (broken / "base" / "checkpoints" / "24").exists(), "killed too late to test resume"
+  if how == "SIGKILL the sweep":
+    os.killpg(proc.pid, 9)
+    proc.wait(timeout=60)
+  else:
+    children = [int(c) for t in os.listdir(f"/proc/{proc.pid}/task")
+                for c in open(f"/proc/{proc.pid}/task/{t}/children").read().split()]
+    assert len(children) == 1, children  # python -m transformer.main --mode=train
+    os.kill(children[0], 15)
+    assert proc.wait(timeout=120) == 1  # a run not finished
+    text = (tmp_path / "first.out").read_text()
+    assert "base: train interrupted by SIGTERM (exit 143" in text, text
+    assert "base: evaluate" not in text and "1/1 runs finished" not in text, text
+  assert first.is_dir(), "the sweep did not write its first checkpoint within 300 s"
+  assert not (broken / "base" / "checkpoints" / "24").exists(), "stopped too late to test resume"
   status = json.loads((broken / "base" / "status.json").read_text())
-  assert status["steps"] == {} and status["running"]["step"] == "train"  # nothing finished
+  assert status["steps"] == {}  # nothing finished
   killed_at = (broken / "base" / "train.log").stat().st_mtime
   r = subprocess.run(sweep_cmd(broken), cwd=REPO, env=_env(), capture_output=True, text=True,
                      timeout=600)
   assert r.returncode == 0, r.stdout + r.stderr
   log = (broken / "base" / "train.log").read_text()
   assert "resumed from step " in log and log.count("$ ") == 2  # both attempts' output
-  # The train step's seconds count the killed attempt too: start to its log's last write.
+  # The train step's seconds count the stopped attempt too: start to its log's last write
+  # (SIGKILL), or to its exit, measured by the sweep (SIGTERM).
   status = json.loads((broken / "base" / "status.json").read_text())
   lost = status["interrupted_seconds"]["train"]
-  assert abs(lost - (killed_at - status_started)) < 0.05, (lost, killed_at, status_started)
+  if how == "SIGKILL the sweep":
+    assert abs(lost - (killed_at - status_started)) < 0.05, (lost, killed_at, status_started)
+  else:
+    assert 0 <= lost - (killed_at - status_started) < 10, (lost, killed_at, status_started)
   assert status["steps"]["train"]["seconds"] > lost > 0 and "running" not in status
   a = table3.read_run(str(whole / "base"))
   b = table3.read_run(str(broken / "base"))
@@ -524,6 +551,23 @@ def test_local_sh_dry_run_trains_averages_evaluates(tmp_path):
   r = subprocess.run(["bash", os.path.join(REPO, "launch", "local.sh"), "only-one-arg"],
                      capture_output=True, text=True, timeout=60)
   assert r.returncode == 2 and "usage:" in r.stderr
+
+
+def test_local_sh_stops_after_a_train_stopped_by_sigterm(tmp_path):
+  """transformer.main's 143 (a SIGTERM save) ends the script before average and evaluate."""
+  fake = tmp_path / "fake_python"
+  fake.write_text('#!/bin/sh\necho "$@" >> "$CALLS"\n'
+                  'case "$*" in *--mode=train*) exit 143 ;; esac\n')
+  fake.chmod(0o755)
+  env = dict(os.environ, PYTHON=str(fake), CALLS=str(tmp_path / "calls"))
+  r = subprocess.run(["bash", os.path.join(REPO, "launch", "local.sh"), str(tmp_path / "w"),
+                      "experiments/cpu/multi30k_en_de.flags"],
+                     cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60)
+  assert r.returncode == 143, r.stdout + r.stderr
+  assert "[local.sh] train stopped by SIGTERM, not finished" in r.stderr, r.stderr
+  calls = (tmp_path / "calls").read_text().splitlines()
+  assert len(calls) == 1 and calls[0].endswith("--mode=train"), calls
+  assert "done in" not in r.stdout
 
 
 def test_table3_paper_sweep_runs_each_row_from_its_own_flag_file():

@@ -24,7 +24,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = "experiments/cpu/multi30k_en_de.flags"
 
 # Dev nll at step s: 1 + 10 * dropout_rate + 1/s (lower dropout is better); a dropout of 0.5
-# is a diverging run (nll 100). SECONDS_PER_STEP between evaluations; SIGTERM stops it.
+# is a diverging run (nll 100). SECONDS_PER_STEP between evaluations; SIGTERM stops it with
+# transformer.main's status 143 (not finished).
 _FAKE = r"""#!PYTHON
 import json, os, signal, sys, time
 args = dict(a[2:].split("=", 1) for a in sys.argv if a.startswith("--") and "=" in a)
@@ -39,7 +40,7 @@ def log(line):
     f.write(line + "\n")
 def stop(signum, frame):
   log(f"sigterm {os.getpid()}")
-  sys.exit(0)
+  sys.exit(143)
 signal.signal(signal.SIGTERM, stop)
 log(f"start {os.getpid()} {os.getppid()} {time.time()} {sorted(os.sched_getaffinity(0))}")
 for s in range(1, steps + 1):
@@ -179,18 +180,26 @@ def test_a_bad_trial_is_pruned_and_its_process_stops(tmp_path):
   assert status["steps"] == {} and "train" in status["interrupted_seconds"]
 
 
-@pytest.mark.parametrize("how", ["kill -9 the worker", "SIGTERM the search"])
-def test_a_stopped_worker_then_resume_loses_and_doubles_nothing(tmp_path, how):
-  root = tmp_path / "r"
-  spec = _spec(tmp_path, budget={"trials": 2}, flags={"num_train_steps": 6})
+def _search_at_step_2(tmp_path, root, trials: int, **popen):
+  """Starts a search of `trials` 6-step fake trials; returns (its command, its process) once
+  trial 0 has written 2 evaluations."""
+  spec = _spec(tmp_path, budget={"trials": trials}, flags={"num_train_steps": 6})
   cmd = [sys.executable, "-m", "launch.search", spec, f"--root={root}",
          f"--python={_fake(tmp_path, 0.4)}"]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, start_new_session=True)
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), **popen)
   metrics = root / "trial_0000" / "metrics.jsonl"
   deadline = time.time() + 60
   while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
     time.sleep(0.1)
+  return cmd, proc
+
+
+@pytest.mark.parametrize("how", ["kill -9 the worker", "SIGTERM the search"])
+def test_a_stopped_worker_then_resume_loses_and_doubles_nothing(tmp_path, how):
+  root = tmp_path / "r"
+  cmd, proc = _search_at_step_2(tmp_path, root, 2, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+  metrics = root / "trial_0000" / "metrics.jsonl"
   start = (root / "trial_0000" / "fake.log").read_text().split()
   train_pid, worker_pid = int(start[1]), int(start[2])
   if how == "kill -9 the worker":
@@ -224,6 +233,25 @@ def test_a_stopped_worker_then_resume_loses_and_doubles_nothing(tmp_path, how):
   # Again: the budget is spent, nothing runs.
   r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
   assert r.returncode == 0 and len(_study(root).get_trials()) == 3, r.stdout + r.stderr
+
+
+def test_a_sigterm_to_a_training_alone_queues_its_trial_again(tmp_path):
+  """A scheduler's SIGTERM to the training (exit 143): the trial is not complete; the worker
+  retries it, resumed from its evaluations, and the study counts it once."""
+  root = tmp_path / "r"
+  _, proc = _search_at_step_2(tmp_path, root, 1, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+  metrics = root / "trial_0000" / "metrics.jsonl"
+  os.kill(int((root / "trial_0000" / "fake.log").read_text().split()[1]), 15)
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 0, out
+  assert "trial 0 (trial_0000): stopped by SIGTERM; queued again" in out, out
+  trials = _study(root).get_trials()
+  assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+  assert trials[1].user_attrs == {**trials[1].user_attrs, "retry_of": 0, "run": "trial_0000"}
+  records = [json.loads(l) for l in metrics.read_text().splitlines()]
+  assert [x["step"] for x in records] == [1, 2, 3, 4, 5, 6]  # none lost, none doubled
+  assert trials[1].value == records[-1]["nll"]
 
 
 def test_slurm_writes_an_array_of_workers_and_starts_nothing(tmp_path):

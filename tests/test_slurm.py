@@ -4,11 +4,13 @@ A session-scoped cluster (tests/slurm_cluster.py: munged, slurmctld, slurmd on 1
 - `sbatch launch/slurm.sbatch` with 2 tasks: srun starts two processes that join through
   jax.distributed from SLURM's variables, train the same first steps as one process with the
   same 2 devices, then average and evaluate; the job exits 0;
-- the same training cancelled mid-run (SIGTERM to one process, then `scancel`) and
-  resubmitted: both processes saved the same step, the job resumes from it and ends with the
-  uninterrupted run's parameters;
+- the same job stopped mid-training (SIGTERM to one process, then `scancel --signal=TERM`):
+  both processes save the same step and exit 143, the job ends there (no average/evaluate);
+  resubmitted with MODES=train it resumes and ends with the uninterrupted run's parameters;
 - a sweep's job array: every run finishes, a resubmitted array skips them, launch.report reads
-  them.
+  them;
+- a search's job array: both tasks are workers of one study, its trials run once each, and
+  `launch.search report` reads it.
 Teardown asserts that no daemon of the cluster is left. Skipped, with the reason, only where
 slurm-wlm/munge are not installed or the tests do not run as root (.ci/run installs them).
 """
@@ -167,27 +169,32 @@ def _task_pid(cluster, job: str, task: int) -> int:
 
 def interrupt(cluster, job: str, out, after_step: int) -> None:
   """Once both processes logged `after_step`: SIGTERM to task 0 alone, then (0.5 s, a few
-  steps, later) `scancel` the job, as a preemption notice that reaches one node first."""
+  steps, later) to every task (`scancel --signal=TERM`: not to the batch script), as a
+  preemption notice that reaches one node first. The job then ends by itself."""
   _wait_for(lambda: out.exists()
             and out.read_text(errors="replace").count(f"step {after_step} |") == 2,
             600, f"step {after_step} of job {job}\n" + (out.read_text() if out.exists() else ""))
   os.kill(_task_pid(cluster, job, 0), signal.SIGTERM)
   time.sleep(0.5)
-  cluster.run("scancel", job)
-  _wait_for(lambda: job not in cluster.jobs(), 300, f"job {job} to end after scancel")
+  cluster.run("scancel", "--signal=TERM", job)
+  _wait_for(lambda: job not in cluster.jobs(), 300, f"job {job} to end after SIGTERM")
 
 
-def test_scancel_mid_training_then_resubmit_resumes_to_the_same_parameters(
+def test_sigterm_mid_training_stops_the_job_then_resubmit_resumes_to_the_same_parameters(
     cluster, two_tasks, shared, tmp_path):
   whole, _, r = two_tasks
   assert r.returncode == 0, r.stdout + r.stderr
   workdir, out = tmp_path / "run", tmp_path / "job.out"
   flags = _flags({**TINY, **shared})
-  r = _submit(cluster, workdir, out, modes="train", flags=flags, wait=False)
+  r = _submit(cluster, workdir, out, flags=flags, wait=False)
   assert r.returncode == 0, r.stderr
   job = r.stdout.strip().split(";")[0]
   interrupt(cluster, job, out, after_step=10)
   first = out.read_text(errors="replace")
+  # Not finished: transformer.main exits 143, and the script stops before average/evaluate.
+  assert "ExitCode=143:0" in cluster.run("scontrol", "show", "job", job).stdout, first[-4000:]
+  assert "[slurm] train stopped by SIGTERM" in first and "[slurm] train took" not in first
+  assert "[slurm] average" not in first and not (workdir / "averaged").exists(), first[-4000:]
   # Both processes stopped at the same step and saved it (not a periodic checkpoint).
   saved = re.findall(r"SIGTERM.*: saved checkpoint at step (\d+)", first)
   assert len(saved) == 2 and saved[0] == saved[1], first[-4000:]
@@ -255,3 +262,60 @@ def test_sweep_array_runs_every_run_resubmission_skips_them_report_reads_them(
     assert t["steps_done"] == "train" and int(t["train_step"]) == last["step"] == 2
     assert float(t["train_loss"]) == pytest.approx(last["loss"], rel=1e-6)
   assert table[0]["train_loss"] != table[1]["train_loss"]  # dropout changed training
+
+
+def test_search_array_tasks_are_workers_of_one_study(cluster, shared, tmp_path):
+  """`launch.search --slurm`'s array of 2 tasks: both work on the study in R/study.journal;
+  the budget's 3 trials each run once and complete; `report` writes best.flags."""
+  # 3-step trials of the tiny model that differ only by --seed (a runtime value: one compiled
+  # program, then the session's XLA cache), dev nll at step 3.
+  spec = tmp_path / "tiny_search.json"
+  spec.write_text(json.dumps({
+      "base_flagfile": FLAGFILE,
+      "flags": {**TINY, **shared, "num_train_steps": 3, "eval_every_steps": 3,
+                "checkpoint_every_steps": 3},
+      "space": {"seed": {"type": "int", "low": 1, "high": 1000}},
+      "objective": {"metric": "nll", "direction": "minimize"}, "budget": {"trials": 3},
+      "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"},
+      "steps": ["train"], "slurm": {"cpus-per-task": 1, "gpus-per-task": 0}}))
+  root = tmp_path / "search"
+  env = cluster.env(PYTHON=sys.executable)
+  r = subprocess.run([sys.executable, "-m", "launch.search", str(spec), f"--root={root}",
+                      "--workers=2", "--slurm"], cwd=REPO, env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stdout + r.stderr
+  script = root / "search.sbatch"
+  r = subprocess.run(["sbatch", "--parsable", "--wait", str(script)], cwd=tmp_path, env=env,
+                     capture_output=True, text=True, timeout=600)
+  job = r.stdout.strip().split(";")[0]
+  outs = [(root / f"slurm-{job}_{i}.out").read_text(errors="replace") for i in (0, 1)]
+  assert r.returncode == 0, r.stderr + "".join(outs)
+
+  import optuna  # pylint: disable=g-import-not-at-top
+  from launch import search  # pylint: disable=g-import-not-at-top
+  study = optuna.load_study(study_name="tiny_search",
+                            storage=search.open_storage(str(root / "study.journal")))
+  trials = study.get_trials()
+  assert [t.state.name for t in trials] == ["COMPLETE"] * 3, outs
+  # Both tasks were workers: each ran a trial, and says so in its output.
+  pids = {t.user_attrs["pid"] for t in trials}
+  assert len(pids) == 2, outs
+  for pid in pids:
+    assert sum(f"[search {pid}] trial " in o for o in outs) == 1, outs
+  runs = [t.user_attrs["run"] for t in trials]
+  assert len(set(runs)) == 3
+  for t in trials:  # trained once (one command in its log), to the budget's steps
+    workdir = root / t.user_attrs["run"]
+    assert (workdir / "train.log").read_text().count("$ ") == 1
+    evals = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [3] and t.value == evals[0]["nll"]
+    assert f"--seed={t.params['seed']}" in (workdir / "flags.txt").read_text().splitlines()
+
+  r = subprocess.run([sys.executable, "-m", "launch.search", "report", str(root)], cwd=REPO,
+                     env=processes.environment(), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stdout + r.stderr
+  best = min(trials, key=lambda t: t.value)
+  flags = (root / "best.flags").read_text().splitlines()
+  assert f"--seed={best.params['seed']}" in flags, flags
+

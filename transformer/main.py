@@ -17,11 +17,15 @@ Modes:
              entropy and gradient norm of every layer (transformer/diagnostics.py)
   compile    compile the run's train/eval/decode programs for --topology (a TPU slice or GPU
              node, no accelerator needed): memory per device, fit, FLOPs, step time
+
+Exit status: 0 done, 2 a user error (one `error:` line), 143 (128 + SIGTERM) a train stopped
+by SIGTERM before --num_train_steps: its checkpoint is saved, the same command resumes it.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -30,6 +34,8 @@ from transformer import config as config_lib
 from transformer import host
 
 FLAGS = flags.FLAGS
+# The shell's status of a process ended by SIGTERM: a train that saved and stopped early.
+EXIT_SIGTERM = 128 + signal.SIGTERM
 config_lib.define_flags(FLAGS)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, vocabulary, metrics, outputs.")
 flags.DEFINE_enum("mode", "train",
@@ -107,7 +113,8 @@ def main(argv):
     if FLAGS.mode == "prepare":
       run.prepare(cfg, FLAGS.workdir)
     elif FLAGS.mode == "train":
-      run.train(cfg, FLAGS.workdir)
+      if run.train(cfg, FLAGS.workdir).get("preempted"):
+        sys.exit(EXIT_SIGTERM)  # not finished: callers must not go on to average/evaluate
     elif FLAGS.mode == "average":
       run.average(cfg, FLAGS.workdir)
     elif FLAGS.mode == "evaluate":
