@@ -408,6 +408,17 @@ def eval_values(workdir: str, metric: str) -> list[tuple[int, float]]:
   return sorted(by_step.items())
 
 
+def seconds_per_step(workdir: str) -> Optional[float]:
+  """The median training seconds per step of a run (its train records' 1 / steps_per_s), which
+  sizes a full-length run of its settings; None before its first train record."""
+  from transformer.metrics_writer import read_metrics  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    return None
+  per_step = [1.0 / r["steps_per_s"] for r in read_metrics(workdir, "train")
+              if r.get("steps_per_s")]
+  return round(statistics.median(per_step), 4) if per_step else None
+
+
 class TrialRunner(sweep.Runner):
   """A sweep Runner whose train step reports dev evaluations to a trial and stops when pruned."""
 
@@ -612,15 +623,17 @@ def report(root: str, out: str, storage: Optional[str] = None) -> int:
   os.makedirs(out, exist_ok=True)
   names = list(spec["space"])
   metric = spec["objective"]["metric"]
-  columns = ["trial", "state", metric, "step", *names, "seconds", "run", "retry_of"]
+  columns = ["trial", "state", metric, "step", *names, "seconds", "s/step", "run", "retry_of"]
   rows = []
   for t in trials:
+    run = t.user_attrs.get("run")
     last = t.last_step
     seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
     value = t.value if t.value is not None else (t.intermediate_values.get(last) if last is not None else None)
     rows.append({"trial": t.number, "state": t.state.name, metric: value, "step": last,
                  **t.params, "seconds": round(seconds, 1) if seconds is not None else None,
-                 "run": t.user_attrs.get("run"), "retry_of": t.user_attrs.get("retry_of")})
+                 "s/step": seconds_per_step(os.path.join(root, run)) if run else None,
+                 "run": run, "retry_of": t.user_attrs.get("retry_of")})
   lines = [f"# Search {meta['study_name']}", "", f"{meta.get('description', '')}", "",
            f"Objective: {spec['objective']['direction']} dev `{metric}` (last evaluation of a"
            " run; a pruned trial shows its last reported value).", "",

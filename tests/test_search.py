@@ -49,6 +49,7 @@ for s in range(1, steps + 1):
   time.sleep(SECONDS)
   nll = 100.0 if drop >= 0.5 else 1 + 10 * drop + 1 / s
   with open(path, "a") as f:
+    f.write(json.dumps({"step": s, "kind": "train", "steps_per_s": float(s)}) + "\n")
     f.write(json.dumps({"step": s, "kind": "eval", "nll": nll, "perplexity": 2.0}) + "\n")
 log(f"end {os.getpid()} {time.time()}")
 """
@@ -140,6 +141,8 @@ def test_two_workers_pinned_report_and_best_flags(tmp_path):
   with open(root / "report" / "trials.csv", newline="") as f:
     table = list(csv.DictReader(f))
   assert len(table) == 4 and {t["state"] for t in table} == {"COMPLETE"}
+  # The fake logs steps_per_s = s at steps 1-4: seconds per step 1, 1/2, 1/3, 1/4, median 5/12.
+  assert all(abs(float(t["s/step"]) - 5 / 12) < 1e-4 for t in table)
   assert "importance" in r.stdout
   # best.flags is the flag file of the run with the lowest final dev nll, read from the runs.
   best_run = min((root / t.user_attrs["run"] for t in trials), key=_last_nll)
@@ -227,7 +230,7 @@ def test_a_stopped_worker_then_resume_loses_and_doubles_nothing(tmp_path, how):
   # The retry is trial 0 again: same parameters, same run directory, resumed from its evals.
   assert trials[1].params == trials[0].params and trials[1].user_attrs["retry_of"] == 0
   assert trials[1].user_attrs["run"] == "trial_0000" and trials[2].user_attrs["run"] == "trial_0002"
-  records = [json.loads(l) for l in metrics.read_text().splitlines()]
+  records = [x for x in map(json.loads, metrics.read_text().splitlines()) if x["kind"] == "eval"]
   assert [x["step"] for x in records] == [1, 2, 3, 4, 5, 6]  # none lost, none doubled
   assert trials[1].intermediate_values == {x["step"]: x["nll"] for x in records}
   # Again: the budget is spent, nothing runs.
@@ -249,7 +252,7 @@ def test_a_sigterm_to_a_training_alone_queues_its_trial_again(tmp_path):
   trials = _study(root).get_trials()
   assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
   assert trials[1].user_attrs == {**trials[1].user_attrs, "retry_of": 0, "run": "trial_0000"}
-  records = [json.loads(l) for l in metrics.read_text().splitlines()]
+  records = [x for x in map(json.loads, metrics.read_text().splitlines()) if x["kind"] == "eval"]
   assert [x["step"] for x in records] == [1, 2, 3, 4, 5, 6]  # none lost, none doubled
   assert trials[1].value == records[-1]["nll"]
 

@@ -99,13 +99,11 @@ def probe_batch(model, params, batch: dict[str, jax.Array], label_smoothing: flo
 
   def loss_fn(p):
     logits, inter = model.apply({"params": p}, inputs, targets, mutable=["intermediates"])
-    return loss_and_metrics(logits, targets, label_smoothing)[0], inter["intermediates"]
+    loss, metrics = loss_and_metrics(logits, targets, label_smoothing)
+    return loss, (metrics, inter["intermediates"])
 
-  (mean_loss, inter), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  del mean_loss
+  (_, (m, inter)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   src_real, tgt_real = inputs != PAD_ID, targets != PAD_ID
-  _, m = loss_and_metrics(model.apply({"params": params}, inputs, targets), targets,
-                          label_smoothing)
   _, m_shuf = loss_and_metrics(model.apply({"params": params}, roll_sources(inputs), targets),
                                targets, label_smoothing)
   tgt_pos = jnp.cumsum(jnp.ones_like(targets), axis=1).astype(jnp.float32)  # 1..tgt_len
