@@ -26,6 +26,8 @@ A spec is JSON (see experiments/sweeps/*search*.json):
     "pruner": {"name": "median", "n_warmup_steps": 1000},        # median | successive_halving
                                                                  # | hyperband | none (+ kwargs)
     "study_name": "name (default: the spec's file name)",
+    "enqueue": [{"dropout_rate": 0.3}],   # points tried first (e.g. a published recipe), once;
+                                          # parameters left out are sampled
     "steps": ["train"], "slurm": {...}                           # as in launch.sweep
   }
 
@@ -75,7 +77,7 @@ from launch import sweep
 from launch.sweep import SpecError
 
 SPEC_KEYS = ("description", "base_flagfile", "flags", "space", "objective", "budget", "sampler",
-             "pruner", "study_name", "steps", "evaluate_checkpoint", "slurm")
+             "pruner", "study_name", "steps", "evaluate_checkpoint", "slurm", "enqueue")
 JOURNAL = "study.journal"
 HEARTBEAT_S = 20.0
 HEARTBEAT_STALE_S = 120.0
@@ -145,6 +147,22 @@ def check_spec(spec: dict[str, Any]) -> None:
       if other not in seen or not isinstance(values, list):
         raise SpecError(f"{where}: \"if\" must name earlier parameters with lists of values")
     seen.append(name)
+  enqueue = spec.get("enqueue", [])
+  if not isinstance(enqueue, list) or not all(isinstance(e, dict) for e in enqueue):
+    raise SpecError('"enqueue" must be a list of objects of parameter -> value')
+  for point in enqueue:
+    for name, value in point.items():
+      p = space.get(name)
+      if p is None:
+        raise SpecError(f'"enqueue": {name!r} is not a parameter of "space"')
+      if p["type"] == "categorical":
+        ok = value in p["choices"]
+      else:
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and (p["type"] == "float" or isinstance(value, int))
+              and p["low"] <= value <= p["high"])
+      if not ok:
+        raise SpecError(f'"enqueue": {name}={value!r} is outside its range or choices')
   objective = spec.get("objective")
   if (not isinstance(objective, dict) or not isinstance(objective.get("metric"), str)
       or objective.get("direction") not in ("minimize", "maximize")
@@ -797,6 +815,9 @@ def main(argv: Optional[list[str]] = None) -> int:
       check_objective(spec, probes[0], extra)
       writable(root, f"--root={root}")
     study = load_study(args.spec, spec, url)
+    if not args.worker:
+      for point in spec.get("enqueue", []):  # once: an equal queued or finished trial is kept
+        study.enqueue_trial(point, skip_if_exists=True)
   except SpecError as e:
     print(f"error: search {args.spec}: {e}", file=sys.stderr)
     return 2

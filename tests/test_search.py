@@ -288,6 +288,8 @@ def test_slurm_writes_an_array_of_workers_and_starts_nothing(tmp_path):
     ({"objective": {"metric": "nll", "direction": "down"}}, '"objective" must be'),
     ({"budget": {}}, '"budget" must be'),
     ({"pruner": {"name": "asha"}}, '"pruner": name must be one of'),
+    ({"enqueue": [{"dropout": 0.1}]}, "'dropout' is not a parameter"),
+    ({"enqueue": [{"dropout_rate": 0.9}]}, "dropout_rate=0.9 is outside"),
 ])
 def test_bad_spec_is_one_error_line_before_any_trial(tmp_path, change, message):
   root = tmp_path / "r"
@@ -296,6 +298,22 @@ def test_bad_spec_is_one_error_line_before_any_trial(tmp_path, change, message):
   assert r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
   assert message in r.stderr, r.stderr
   assert not list(root.glob("trial_*")) if root.exists() else True
+
+
+def test_enqueued_points_run_first_and_once(tmp_path):
+  root = tmp_path / "r"
+  spec = _spec(tmp_path, enqueue=[{"dropout_rate": 0.37}, {"dropout_rate": 0.05}],
+               budget={"trials": 3})
+  r = _run([spec, f"--root={root}", f"--python={_fake(tmp_path, 0.05)}"])
+  assert r.returncode == 0, r.stdout + r.stderr
+  trials = _study(root).get_trials()
+  assert [t.params["dropout_rate"] for t in trials[:2]] == [0.37, 0.05]
+  assert trials[2].params["dropout_rate"] not in (0.37, 0.05)  # sampled
+  # The flags of the enqueued trial are what it was given; a rerun enqueues nothing again.
+  assert "--dropout_rate=0.37" in (root / trials[0].user_attrs["run"] / "flags.txt").read_text()
+  r = _run([spec, f"--root={root}", f"--python={_fake(tmp_path, 0.05)}"])
+  assert r.returncode == 0, r.stdout + r.stderr
+  assert len(_study(root).get_trials()) == 3
 
 
 def test_unwritable_storage_is_one_error_line(tmp_path):
