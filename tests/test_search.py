@@ -387,3 +387,19 @@ def test_rdb_storage_url(tmp_path):
   assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "COMPLETE"]
   r = _run(["report", str(root)])
   assert r.returncode == 0 and (root / "best.flags").exists(), r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("name", ["multi30k_search.json", "parsing_search.json"])
+def test_committed_search_specs_are_valid(name):
+  """The experiments' specs pass the checks a search makes before its first trial: shape and
+  ranges, every range end and choice as flags, enqueued points, and an objective that the
+  dev evaluations write."""
+  path = os.path.join(REPO, "experiments", "sweeps", name)
+  spec = search.sweep.load_spec(path)
+  search.check_spec(spec)
+  probes = search.probe_runs(spec, "/nonexistent/root")
+  assert len(probes) >= 2 * len(spec["space"])
+  search.sweep.validate(probes, [])
+  search.check_objective(spec, probes[0], [])
+  for point in spec.get("enqueue", []):
+    search.sweep.validate([search.make_run(spec, "/nonexistent/root", "enqueued", point)], [])
