@@ -277,10 +277,17 @@ def open_storage(url: str):
       url, lock_obj=journal.JournalFileOpenLock(url)))
 
 
-def _sampler(spec: dict):
+def _sampler(spec: dict, trial_number: int = 0):
+  """The spec's sampler, its seed (if any) offset by the number of the trial it will sample.
+
+  One seed per trial number: workers, and a worker that starts again, never replay each
+  other's draws, and the draws do not depend on which worker asks.
+  """
   optuna = _optuna()
   s = dict(spec.get("sampler") or {})
   name = s.pop("name", "tpe")
+  if isinstance(s.get("seed"), int):
+    s["seed"] += trial_number
   try:
     if name == "random":
       return optuna.samplers.RandomSampler(**s)
@@ -417,23 +424,24 @@ def sample(trial, space: dict) -> dict[str, Any]:
   return params
 
 
-def eval_values(workdir: str, metric: str) -> list[tuple[int, float]]:
-  """(step, value) of the run's dev evaluations, one per step (the latest record of a step)."""
+def _records(workdir: str, kind: str) -> list[dict]:
+  """The run's metrics.jsonl records of this kind; none before the run writes the file."""
   from transformer.metrics_writer import read_metrics  # pylint: disable=g-import-not-at-top
   if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
     return []
-  by_step = {r["step"]: r[metric] for r in read_metrics(workdir, "eval") if metric in r}
+  return read_metrics(workdir, kind)
+
+
+def eval_values(workdir: str, metric: str) -> list[tuple[int, float]]:
+  """(step, value) of the run's dev evaluations, one per step (the latest record of a step)."""
+  by_step = {r["step"]: r[metric] for r in _records(workdir, "eval") if metric in r}
   return sorted(by_step.items())
 
 
 def seconds_per_step(workdir: str) -> Optional[float]:
   """The median training seconds per step of a run (its train records' 1 / steps_per_s), which
   sizes a full-length run of its settings; None before its first train record."""
-  from transformer.metrics_writer import read_metrics  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    return None
-  per_step = [1.0 / r["steps_per_s"] for r in read_metrics(workdir, "train")
-              if r.get("steps_per_s")]
+  per_step = [1.0 / r["steps_per_s"] for r in _records(workdir, "train") if r.get("steps_per_s")]
   return round(statistics.median(per_step), 4) if per_step else None
 
 
@@ -545,6 +553,7 @@ def run_worker(spec_path: str, spec: dict, root: str, url: str, extra: list[str]
         if ("trials" in budget and _count(study, (TS.COMPLETE, TS.PRUNED, TS.RUNNING))
             >= budget["trials"]):
           break
+        study.sampler = _sampler(spec, trial_number=len(study.get_trials(deepcopy=False)))
         trial = study.ask()
         # Who runs it, written before the lock is released (so it is not taken for dead).
         trial.set_user_attr("host", socket.gethostname())

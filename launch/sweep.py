@@ -19,12 +19,13 @@ A spec is JSON (see experiments/sweeps/):
   }
 
 Runs are every named row of "runs" (a table such as the paper's Table 3, each row stating only
-the flags it changes, or its own "base_flagfile"; "note" is free text) crossed with every zip tuple and every grid point
-(any of the three may be absent; with none, one run named 'base'). A row's name is its run
-name, followed by the grid/zip name when there is a grid or zip. Flag values are JSON numbers, strings or booleans (true -> --flag,
-false -> --noflag); '{root}' in a "flags" string becomes the absolute --root. The default name
-joins 'flag=value' with '__'. Arguments after the known options (e.g. --raw_data_dir=...) are
-appended to every run's flags and are not part of the names.
+the flags it changes, or its own "base_flagfile"; "note" is free text) crossed with every zip
+tuple and every grid point (any of the three may be absent; with none, one run named 'base').
+A row's name is its run name, followed by the grid/zip name when there is a grid or zip. Flag
+values are JSON numbers, strings or booleans (true -> --flag, false -> --noflag); '{root}' in
+any flag's string value (in "flags", "grid", "zip" or a row) becomes the absolute --root. The
+default name joins 'flag=value' with '__'. Arguments after the known options (e.g.
+--raw_data_dir=...) are appended to every run's flags and are not part of the names.
 
 Every run's flags are validated with `transformer.config.from_args` before anything starts:
 a bad spec ends with one 'error:' line and exit status 2, having launched nothing.
@@ -168,8 +169,12 @@ def base_and_common(spec: dict[str, Any], root: str,
     raise SpecError('"flags" must be an object of flag -> value')
   for flag in common:
     _check_flag_name('"flags"', flag)
-  return base, [flag_arg(k, v.replace("{root}", root) if isinstance(v, str) else v)
-                for k, v in common.items()]
+  return base, [flag_arg(k, at_root(v, root)) for k, v in common.items()]
+
+
+def at_root(value: Any, root: str) -> Any:
+  """A flag value with '{root}' in a string replaced by the sweep's absolute root."""
+  return value.replace("{root}", root) if isinstance(value, str) else value
 
 
 def expand(spec: dict[str, Any], root: str = "ROOT") -> list[dict[str, Any]]:
@@ -221,7 +226,7 @@ def expand(spec: dict[str, Any], root: str = "ROOT") -> list[dict[str, Any]]:
                       " make \"name_template\" use every grid/zip flag")
     seen[name] = overrides
     flags = [f"--flagfile={row_base or base}", *common_args,
-             *(flag_arg(k, v) for k, v in overrides.items())]
+             *(flag_arg(k, at_root(v, root)) for k, v in overrides.items())]
     runs.append({"name": name, "overrides": overrides, "flags": flags})
   return runs
 

@@ -85,6 +85,15 @@ def test_named_rows_state_only_what_differs_and_cross_the_grid():
   assert crossed[3]["overrides"] == {"num_heads": 1, "d_k": 128, "seed": 2}
 
 
+def test_root_is_expanded_in_every_flag_value():
+  runs = sweep.expand({"base_flagfile": BASE, "flags": {"tfds_data_dir": "{root}/_tfds"},
+                       "runs": [{"name": "xx", "flags": {"vocab_path": "{root}/xx.model"}}],
+                       "grid": {"raw_data_dir": ["{root}/a", "/data/b"]}}, "/abs/r")
+  assert [r["flags"][1:] for r in runs] == [
+      ["--tfds_data_dir=/abs/r/_tfds", "--vocab_path=/abs/r/xx.model", "--raw_data_dir=/abs/r/a"],
+      ["--tfds_data_dir=/abs/r/_tfds", "--vocab_path=/abs/r/xx.model", "--raw_data_dir=/data/b"]]
+
+
 def test_tiny_dropout_spec_expands_to_three_valid_runs(multi30k_dir):
   spec = sweep.load_spec(TINY)
   runs = sweep.expand(spec, "/root")

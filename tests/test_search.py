@@ -114,6 +114,8 @@ def test_two_workers_pinned_report_and_best_flags(tmp_path):
   study = _study(root)
   trials = study.get_trials()
   assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+  # Each trial draws from its own seed: the two workers do not sample the same point.
+  assert len({t.params["dropout_rate"] for t in trials}) == 4
   starts = {}
   for t in trials:
     workdir = root / t.user_attrs["run"]
@@ -230,6 +232,7 @@ def test_a_stopped_worker_then_resume_loses_and_doubles_nothing(tmp_path, how):
   # The retry is trial 0 again: same parameters, same run directory, resumed from its evals.
   assert trials[1].params == trials[0].params and trials[1].user_attrs["retry_of"] == 0
   assert trials[1].user_attrs["run"] == "trial_0000" and trials[2].user_attrs["run"] == "trial_0002"
+  assert trials[2].params != trials[0].params  # the restarted worker does not replay its draws
   records = [x for x in map(json.loads, metrics.read_text().splitlines()) if x["kind"] == "eval"]
   assert [x["step"] for x in records] == [1, 2, 3, 4, 5, 6]  # none lost, none doubled
   assert trials[1].intermediate_values == {x["step"]: x["nll"] for x in records}
