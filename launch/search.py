@@ -22,7 +22,7 @@ A spec is JSON (see experiments/sweeps/*search*.json):
     "objective": {"metric": "bleu", "direction": "maximize"},   # a key of metrics.jsonl 'eval'
     "budget": {"trials": 40, "minutes": 600},   # either or both: trials finished, pruned or
                                                 # running; minutes of each worker, per start
-    "sampler": {"name": "tpe", "seed": 0},                       # tpe | random
+    "sampler": {"name": "tpe", "seed": 0},                       # tpe | random; trial n: seed + n
     "pruner": {"name": "median", "n_warmup_steps": 1000},        # median | successive_halving
                                                                  # | hyperband | none (+ kwargs)
     "study_name": "name (default: the spec's file name)",

@@ -56,9 +56,12 @@ def test_beam_search_equals_exhaustive_search(cache_segment):
     best_score, best_y = scored[0]
     got = np.asarray(seqs[b, 0])
     assert got[:len(best_y)].tolist() == best_y and (got[len(best_y):] == 0).all()
-    assert abs(float(scores[b, 0]) - best_score) < 1e-4
+    # float32 rounding: the cached decode and the full forward passes add in other orders, and
+    # how depends on the CPU's vector width (1.3e-4 at a score of -10.4 with AVX-512).
+    np.testing.assert_allclose(float(scores[b, 0]), best_score, rtol=5e-5, atol=1e-4)
     # All 40 finished hypotheses are the exhaustive top 40, in order.
-    np.testing.assert_allclose(np.asarray(scores[b]), [s for s, _ in scored[:beam]], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(scores[b]), [s for s, _ in scored[:beam]], rtol=5e-5,
+                               atol=1e-4)
 
 
 def test_cached_decoding_equals_full_forward_pass():
