@@ -170,7 +170,9 @@ def test_a_bad_trial_is_pruned_and_its_process_stops(tmp_path):
                space={"dropout_rate": {"type": "float", "low": 0.0, "high": 0.5}},
                pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0})
   _enqueue(root, spec, 0.0, 0.5)
-  r = _run([spec, f"--root={root}", f"--python={_fake(tmp_path, 0.05)}"])
+  # 0.2 s a step: the worker reads the metrics every POLL_S (0.5 s), so the pruned run has
+  # seconds to spare before it could write all 20 steps.
+  r = _run([spec, f"--root={root}", f"--python={_fake(tmp_path, 0.2)}"])
   assert r.returncode == 0, r.stdout + r.stderr
   trials = _study(root).get_trials()
   assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED"]
