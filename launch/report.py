@@ -55,8 +55,7 @@ def _last(records: list[dict], kind: str) -> Optional[dict]:
 
 def run_row(root: str, run: dict) -> dict[str, Any]:
   workdir = os.path.join(root, run["name"])
-  has_metrics = os.path.exists(os.path.join(workdir, "metrics.jsonl"))
-  records = read_metrics(workdir) if has_metrics else []  # not started: no records
+  records = read_metrics(workdir, missing_ok=True)  # not started: no records
   row: dict[str, Any] = {"run": run["name"], **run.get("overrides", {})}
   status_path = os.path.join(workdir, "status.json")
   if os.path.exists(status_path):

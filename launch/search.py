@@ -425,11 +425,8 @@ def sample(trial, space: dict) -> dict[str, Any]:
 
 
 def _records(workdir: str, kind: str) -> list[dict]:
-  """The run's metrics.jsonl records of this kind; none before the run writes the file."""
   from transformer.metrics_writer import read_metrics  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    return []
-  return read_metrics(workdir, kind)
+  return read_metrics(workdir, kind, missing_ok=True)  # none before the run writes the file
 
 
 def eval_values(workdir: str, metric: str) -> list[tuple[int, float]]:

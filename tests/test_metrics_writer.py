@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from transformer import metrics_writer
 
 
@@ -22,3 +24,9 @@ def test_writer_appends_records_the_reader_returns(tmp_path):
   (record,) = metrics_writer.read_metrics(str(tmp_path))
   assert {k: record[k] for k in ("step", "kind", "loss", "note")} == {
       "step": 3, "kind": "train", "loss": 2.0, "note": "x"}
+
+
+def test_read_metrics_of_a_run_without_the_file(tmp_path):
+  assert metrics_writer.read_metrics(str(tmp_path), "eval", missing_ok=True) == []
+  with pytest.raises(FileNotFoundError):
+    metrics_writer.read_metrics(str(tmp_path))

@@ -40,13 +40,17 @@ class MetricsWriter:
       self._tb.close()
 
 
-def read_metrics(workdir: str, kind: Optional[str] = None) -> list[dict[str, Any]]:
+def read_metrics(workdir: str, kind: Optional[str] = None,
+                 missing_ok: bool = False) -> list[dict[str, Any]]:
   """The records of <workdir>/metrics.jsonl (optionally of one kind), in order.
 
   A line that is not a whole record (the torn last line of a run being written, or of one
-  killed mid-write) is skipped.
+  killed mid-write) is skipped. missing_ok: no records, instead of FileNotFoundError, for a
+  run that has not written the file yet.
   """
   records = []
+  if missing_ok and not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    return records
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     for line in f:
       try:
